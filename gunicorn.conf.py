@@ -1,0 +1,61 @@
+"""gunicorn settings for catalog, all derived from the environment (see CONTRACT: Configuration)."""
+
+import logging
+import os
+import sys
+import tempfile
+
+from catalog import logs, metrics
+from catalog.cache import BOARD_ENV
+from catalog.config import ConfigError, Settings
+
+try:
+    settings = Settings.from_env()
+    metrics.check_multiprocess_dir()
+except ConfigError as error:
+    logs.configure("INFO")
+    logging.getLogger("catalog.config").critical(
+        "invalid configuration: %s", error.problem, extra={"variable": error.variable}
+    )
+    sys.exit(2)
+
+wsgi_app = "catalog:create_app()"
+bind = [f"0.0.0.0:{settings.port}"]
+workers = settings.web_concurrency
+worker_class = "gthread"
+threads = settings.threads
+# In-flight requests get this long to finish after SIGTERM; the chart's grace period is longer.
+graceful_timeout = 30
+timeout = 30
+keepalive = 5
+# The worker heartbeat is a file touched every second: keep it in memory, not on a disk or overlay.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+control_socket_disable = True
+accesslog = None
+logconfig_dict = logs.gunicorn_logconfig(settings.log_level)
+proc_name = "catalog"
+
+
+def on_starting(server):
+    """Before the workers exist: the board that keeps in-process caches of all workers exact."""
+    board = tempfile.NamedTemporaryFile(prefix="catalog-cache-board-", delete=False)  # noqa: SIM115
+    board.close()
+    os.environ[BOARD_ENV] = board.name
+
+
+def on_exit(server):
+    """Remove the board file."""
+    board = os.environ.get(BOARD_ENV)
+    if board and os.path.exists(board):
+        os.unlink(board)
+
+
+def post_fork(server, worker):
+    """A preloaded app's connection pools must not be shared with the parent."""
+    if server.cfg.preload_app:
+        worker.app.wsgi().extensions["catalog.db"].dispose()
+
+
+def child_exit(server, worker):
+    """Fold the dead worker's metric files into the archive so restarts keep counts and files stay few."""
+    metrics.fold_dead_worker(worker.pid)

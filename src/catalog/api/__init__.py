@@ -1,0 +1,133 @@
+"""The /api/v1 surface, its OpenAPI 3.1 document (/openapi.json) and a readable page of it (/docs)."""
+
+from __future__ import annotations
+
+import copy
+import html
+from typing import Any
+
+from flask import Flask, Response, current_app, json
+from pydantic import ValidationError
+
+from catalog.api.products import api
+from catalog.api.schemas import LOCATION_OF_MODEL, ProductPatch
+from catalog.errors import PROBLEM_MIMETYPE, validation_problem
+
+API_KEY_SCHEME = "ApiKey"
+BEARER_SCHEME = "Bearer"
+HEADER_TEXT = {"schema": {"type": "string"}}
+HEADER_INT = {"schema": {"type": "integer"}}
+
+
+def validation_error_response(error: ValidationError) -> Response:
+    """flask-openapi3's validation failures, as 422 problem bodies located in body, query or path."""
+    return validation_problem(error, LOCATION_OF_MODEL.get(error.title))
+
+
+def security_schemes(header: str) -> dict[str, Any]:
+    """The two ways to present an API key."""
+    return {
+        API_KEY_SCHEME: {"type": "apiKey", "in": "header", "name": header},
+        BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "The API key as a bearer token"},
+    }
+
+
+def _parameter(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+
+
+def openapi_document(app: Flask) -> dict[str, Any]:
+    """flask-openapi3's document, finished: problem+json errors, headers, the merge-patch body, security."""
+    spec = copy.deepcopy(app.api_doc)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("ValidationErrorModel", None)
+    schemas[ProductPatch.__name__] = ProductPatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    problem_ref = {"$ref": "#/components/schemas/ProblemDetail"}
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            is_api = path.startswith("/api/")
+            responses = operation.setdefault("responses", {})
+            if is_api:
+                operation["security"] = [{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}]
+                responses["422"] = {"description": "Validation failed"}
+            for status, response in responses.items():
+                code = int(status)
+                if code >= 400:
+                    response["content"] = {PROBLEM_MIMETYPE: {"schema": problem_ref}}
+                headers = response.setdefault("headers", {})
+                headers["X-Request-ID"] = {"description": "The request's id", **HEADER_TEXT}
+                if is_api:
+                    for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"):
+                        headers[name] = {"description": "Rate limit of the calling client", **HEADER_INT}
+                if code == 429:
+                    headers["Retry-After"] = {"description": "Seconds until a retry can pass", **HEADER_INT}
+                if code == 401:
+                    headers["WWW-Authenticate"] = {"description": "How to authenticate", **HEADER_TEXT}
+                if code == 201:
+                    headers["Location"] = {"description": "URL of the new product", **HEADER_TEXT}
+                if code == 201 or (code in (200, 304) and "{product_id}" in path):
+                    headers["ETag"] = {"description": "Strong ETag: the product version in quotes", **HEADER_TEXT}
+                if method == "get" and code in (200, 304):
+                    headers["X-Cache"] = {"schema": {"type": "string", "enum": ["HIT", "MISS", "BYPASS"]}}
+            parameters = operation.setdefault("parameters", [])
+            if method == "get" and "{product_id}" in path:
+                responses["304"] = {"description": "Not modified: If-None-Match holds the current ETag"}
+                parameters.append(_parameter("If-None-Match", "Answer 304 if the product still has this ETag"))
+            if method in ("put", "patch", "delete"):
+                parameters.append(_parameter("If-Match", "Answer 412 unless the product still has this ETag"))
+            if method == "post":
+                parameters.append(_parameter("Idempotency-Key", "Repeat-safe create: 1-255 visible ASCII characters"))
+            if method == "patch":
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        media: {"schema": {"$ref": f"#/components/schemas/{ProductPatch.__name__}"}}
+                        for media in ("application/merge-patch+json", "application/json")
+                    },
+                }
+    for name, definition in list(schemas.get(ProductPatch.__name__, {}).pop("$defs", {}).items()):
+        schemas.setdefault(name, definition)
+    return spec
+
+
+def _openapi_json() -> Response:
+    document = current_app.extensions.get("catalog.openapi")
+    if document is None:
+        document = json.dumps(openapi_document(current_app))  # type: ignore[arg-type]
+        current_app.extensions["catalog.openapi"] = document
+    return Response(document, mimetype="application/json")
+
+
+def _docs() -> Response:
+    spec = json.loads(_openapi_json().get_data())
+    rows = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            statuses = ", ".join(sorted(operation.get("responses", {})))
+            parameters = ", ".join(p["name"] for p in operation.get("parameters", []))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(operation.get('summary', ''))}<br><small>"
+                f"{html.escape(operation.get('description', ''))}</small></td>"
+                f"<td>{html.escape(parameters)}</td><td>{statuses}</td></tr>"
+            )
+    info = spec["info"]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(info["title"])} API</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}td,th{{padding:.4rem;
+border-bottom:1px solid #ddd;text-align:left;vertical-align:top}}table{{border-collapse:collapse}}</style></head>
+<body><h1>{html.escape(info["title"])} {html.escape(info["version"])}</h1>
+<p>{html.escape(info.get("description", ""))}</p>
+<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI {html.escape(spec["openapi"])}).
+Send the API key in <code>{html.escape(current_app.config["SETTINGS"].api_key_header)}</code> or as
+<code>Authorization: Bearer &lt;key&gt;</code>. Errors are <code>application/problem+json</code>.</p>
+<table><tr><th>Method</th><th>Path</th><th>What</th><th>Headers and parameters</th><th>Answers</th></tr>
+{"".join(rows)}</table></body></html>"""
+    return Response(page, mimetype="text/html")
+
+
+def init_app(app: Flask) -> None:
+    """Register the API routes, /openapi.json and /docs."""
+    app.register_api(api)  # type: ignore[attr-defined]
+    app.add_url_rule("/openapi.json", "openapi", _openapi_json)
+    app.add_url_rule("/docs", "docs", _docs)

@@ -1,0 +1,130 @@
+"""Request and response shapes of /api/v1: the OpenAPI document and the validation both come from here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _storable(value: str) -> str:
+    """Text every backend can store: no NUL character, no lone surrogate."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Z0-9-]+$", examples=["ABC-123"])]
+Name = Annotated[Text, Field(min_length=1, max_length=200, examples=["Espresso cup"])]
+Description = Annotated[Text, Field(max_length=2000)]
+PriceCents = Annotated[int, Field(ge=0, le=10**12, strict=True, examples=[1250])]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
+Tag = Annotated[Text, Field(min_length=1, max_length=40)]
+Tags = Annotated[list[Tag], Field(max_length=20)]
+
+
+class ProductIn(BaseModel):
+    """The fields a client writes with POST and PUT (unknown fields are rejected)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sku: Sku
+    name: Name
+    description: Description = ""
+    price_cents: PriceCents
+    currency: Currency
+    tags: Tags = Field(default_factory=list)
+
+
+class ProductPatch(BaseModel):
+    """A JSON merge patch (RFC 7396) of a product: present fields replace, null resets to the default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sku: Sku | None = None
+    name: Name | None = None
+    description: Description | None = None
+    price_cents: PriceCents | None = None
+    currency: Currency | None = None
+    tags: Tags | None = None
+
+
+class Product(BaseModel):
+    """A product as the API returns it."""
+
+    id: str = Field(examples=["01JDQ3ZC8X4V5W6Y7Z8A9B0C1D"])
+    sku: str
+    name: str
+    description: str
+    price_cents: int
+    currency: str
+    tags: list[str]
+    created_at: str = Field(description="RFC 3339, UTC", examples=["2026-11-27T05:41:07.123Z"])
+    updated_at: str = Field(description="RFC 3339, UTC", examples=["2026-11-27T05:41:07.123Z"])
+    version: int = Field(ge=1, description="Bumped by every write; the ETag is this number in quotes")
+
+
+class ProductPage(BaseModel):
+    """One page of products; pass `next_cursor` as `cursor` for the next."""
+
+    items: list[Product]
+    next_cursor: str | None
+
+
+class ProductListQuery(BaseModel):
+    """Paging and filtering of the product list."""
+
+    limit: int = Field(20, ge=1, le=100, description="Products per page")
+    cursor: str | None = Field(None, max_length=200, description="`next_cursor` of the previous page")
+    tag: str | None = Field(None, min_length=1, max_length=40, description="Only products with this tag")
+
+
+class ProductPath(BaseModel):
+    """The product named in the path."""
+
+    product_id: str = Field(min_length=1, max_length=64)
+
+
+class ValidationErrorItem(BaseModel):
+    """One broken rule: where (`loc`) and what (`msg`)."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class ProblemDetail(BaseModel):
+    """An RFC 9457 problem body."""
+
+    type: str = Field(examples=["/problems/not-found"])
+    title: str
+    status: int
+    detail: str
+    request_id: str | None
+    errors: list[ValidationErrorItem] | None = Field(None, description="Only on 422: every rule the request broke")
+
+
+# Where each request model is read from: the `loc` prefix of its validation errors.
+LOCATION_OF_MODEL: dict[str, str] = {
+    ProductIn.__name__: "body",
+    ProductPatch.__name__: "body",
+    ProductListQuery.__name__: "query",
+    ProductPath.__name__: "path",
+}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = merge_patch(result.get(name), value)
+    return result

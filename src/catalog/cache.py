@@ -1,0 +1,453 @@
+"""Read-through cache: Redis behind a circuit breaker, or a bounded in-process cache; never an outage."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import random
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+from flask import Flask, g, has_request_context
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.credentials import CredentialProvider
+from redis.retry import Retry
+
+from catalog.config import Settings, read_secret_file
+from catalog.metrics import CACHE_CIRCUIT_OPEN, CACHE_REQUESTS
+
+log = logging.getLogger(__name__)
+
+# Bump when the cached shape of a product or page changes: a deploy then never reads old entries.
+CACHE_SCHEMA = 1
+PREFIX = f"catalog:v{CACHE_SCHEMA}:"
+# A dead or paused Redis must cost a request at most about (1 + retries) x timeout.
+SOCKET_TIMEOUT_SECONDS = 0.2
+RETRIES = 1
+FAILURES_TO_OPEN = 3
+OPEN_SECONDS = 3.0
+# A miss that loses the fill race waits this long for the winner, then reads the database itself.
+LOCK_MILLISECONDS = 2000
+WAIT_FOR_FILL_SECONDS = 0.5
+WAIT_STEP_SECONDS = 0.02
+
+Status = Literal["HIT", "MISS", "BYPASS"]
+Loader = Callable[[], bytes | None]
+
+
+class CircuitBreaker:
+    """Closed until FAILURES_TO_OPEN consecutive failures; open for OPEN_SECONDS; then one probe at a time."""
+
+    def __init__(self, failures_to_open: int = FAILURES_TO_OPEN, open_seconds: float = OPEN_SECONDS) -> None:
+        self.failures_to_open = failures_to_open
+        self.open_seconds = open_seconds
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        """True while calls are refused (open, or half-open with a probe under way)."""
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """May a call go to Redis now?"""
+        if self._opened_at is None:
+            return True
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._probing or time.monotonic() - self._opened_at < self.open_seconds:
+                return False
+            self._probing = True
+            return True
+
+    def succeeded(self) -> None:
+        """A call answered: close the circuit."""
+        if self._failures or self._opened_at is not None:
+            with self._lock:
+                was_open = self._opened_at is not None
+                self._failures, self._opened_at, self._probing = 0, None, False
+            if was_open:
+                CACHE_CIRCUIT_OPEN.set(0)
+                log.info("redis circuit closed")
+
+    def failed(self) -> None:
+        """A call failed: count it, and open (again) at the threshold."""
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            newly_open = self._opened_at is None and self._failures >= self.failures_to_open
+            if self._opened_at is not None or newly_open:
+                self._opened_at = time.monotonic()
+        if newly_open:
+            CACHE_CIRCUIT_OPEN.set(1)
+            log.warning("redis circuit opened", extra={"failures": self._failures})
+
+
+class PasswordFileProvider(CredentialProvider):
+    """Reads the Redis password from its mounted Secret on every new connection, so rotation needs no restart."""
+
+    def __init__(self, path: str, username: str | None) -> None:
+        self.path = path
+        self.username = username
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = read_secret_file(self.path)
+        return (self.username, password) if self.username else (password,)
+
+
+def make_redis(url: str, password_file: str | None, pool_size: int) -> redis.Redis:
+    """A client that fails fast: short timeouts, one immediate retry, connection health checks."""
+    options: dict[str, Any] = parse_url(url)
+    if password_file:
+        options["credential_provider"] = PasswordFileProvider(password_file, options.pop("username", None))
+        options.pop("password", None)
+    pool = redis.ConnectionPool(
+        max_connections=pool_size,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=10,
+        client_name="catalog",
+        **options,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+class RedisUnavailable(Exception):
+    """Redis was not consulted: circuit open, or it already failed during this request."""
+
+
+class GuardedRedis:
+    """Every Redis call of the process goes through here: breaker, one failure per request, error logging."""
+
+    def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
+        self.client = client
+        self.breaker = breaker
+        self._after_recovery: list[Callable[[redis.Redis], None]] = []
+        self._lock = threading.Lock()
+
+    def call(self, operation: Callable[[redis.Redis], Any]) -> Any:
+        """Run `operation(client)`; raise RedisUnavailable instead of waiting on a Redis that is failing."""
+        if has_request_context() and g.get("redis_failed"):
+            raise RedisUnavailable
+        if not self.breaker.allow():
+            raise RedisUnavailable
+        try:
+            if self._after_recovery:
+                self._replay_pending()
+            result = operation(self.client)
+        except redis.RedisError as error:
+            self.breaker.failed()
+            if has_request_context():
+                g.redis_failed = True
+            log.warning("redis call failed", extra={"error_type": type(error).__name__})
+            raise RedisUnavailable from error
+        self.breaker.succeeded()
+        return result
+
+    def defer(self, operation: Callable[[redis.Redis], None]) -> None:
+        """Run `operation` before the next call that reaches Redis (an invalidation that could not be sent)."""
+        with self._lock:
+            self._after_recovery.append(operation)
+
+    def _replay_pending(self) -> None:
+        with self._lock:
+            pending, self._after_recovery = self._after_recovery, []
+        try:
+            for operation in pending:
+                operation(self.client)
+        except redis.RedisError:
+            with self._lock:
+                self._after_recovery[:0] = pending
+            raise
+
+
+# Fill only if nobody invalidated since the reader took its ticket; drop the fill lock either way.
+FILL_SCRIPT = """
+local current = redis.call('GET', KEYS[2]) or ''
+redis.call('DEL', KEYS[3])
+if current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass
+class RedisCache:
+    """Cache-aside in Redis with tickets (exact invalidation) and a fill lock (stampede protection)."""
+
+    redis: GuardedRedis
+    ttl_seconds: int
+    _fill: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._fill = self.redis.client.register_script(FILL_SCRIPT)
+
+    def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
+        """The cached product entry, or `load()` stored under the product's ticket."""
+        return self._read_through(f"{PREFIX}product:{product_id}", f"{PREFIX}inv:{product_id}", None, load)
+
+    def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
+        """A cached list page; every write retires all pages by bumping the list generation."""
+        generation_key = f"{PREFIX}lists"
+        try:
+            generation = self.redis.call(lambda r: r.get(generation_key)) or b""
+        except RedisUnavailable:
+            return self._bypass(load, "error")
+        page_key = f"{PREFIX}list:{generation.decode()}:{params}"
+        return self._read_through(page_key, generation_key, generation, load)
+
+    def invalidate(self, product_id: str) -> None:
+        """Drop the product's entry and retire every cached page; deferred if Redis cannot take it now."""
+        ticket_ttl_ms = max(self.ttl_seconds * 10, 3600) * 1000
+
+        def send(client: redis.Redis) -> None:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.delete(f"{PREFIX}product:{product_id}")
+                pipe.incr(f"{PREFIX}inv:{product_id}")
+                pipe.pexpire(f"{PREFIX}inv:{product_id}", ticket_ttl_ms)
+                pipe.incr(f"{PREFIX}lists")
+                pipe.execute()
+
+        try:
+            self.redis.call(send)
+        except RedisUnavailable:
+            self.redis.defer(send)
+
+    def check(self) -> str:
+        """'ok' when Redis answers PING, else 'degraded'."""
+        if self.redis.breaker.is_open:
+            return "degraded"
+        try:
+            self.redis.call(lambda r: r.ping())
+        except RedisUnavailable:
+            return "degraded"
+        return "ok"
+
+    def _read_through(
+        self, key: str, ticket_key: str, ticket: bytes | None, load: Loader
+    ) -> tuple[bytes | None, Status]:
+        try:
+            cached = self.redis.call(lambda r: r.get(key))
+            if cached is not None:
+                CACHE_REQUESTS.labels(result="hit").inc()
+                return cached, "HIT"
+            lock_key = f"{PREFIX}lock:{key}"
+
+            def claim(client: redis.Redis) -> list[Any]:
+                with client.pipeline(transaction=False) as pipe:
+                    pipe.set(lock_key, b"1", nx=True, px=LOCK_MILLISECONDS)
+                    pipe.get(ticket_key)
+                    return pipe.execute()  # type: ignore[no-any-return]
+
+            won, current_ticket = self.redis.call(claim)
+        except RedisUnavailable:
+            return self._bypass(load, "error")
+        if ticket is None:
+            ticket = current_ticket or b""
+        if not won:
+            waited = self._wait_for_fill(key)
+            if waited is not None:
+                CACHE_REQUESTS.labels(result="hit").inc()
+                return waited, "HIT"
+            CACHE_REQUESTS.labels(result="miss").inc()
+            return load(), "MISS"
+        CACHE_REQUESTS.labels(result="miss").inc()
+        value = load()
+        ttl_ms = int(self.ttl_seconds * 1000 * random.uniform(0.9, 1.1))  # noqa: S311 - jitter, not security
+        try:
+            if value is None:
+                self.redis.call(lambda r: r.delete(lock_key))
+            else:
+                self.redis.call(
+                    lambda r: self._fill(keys=[key, ticket_key, lock_key], args=[ticket, value, ttl_ms], client=r)
+                )
+        except RedisUnavailable:
+            pass
+        return value, "MISS"
+
+    def _wait_for_fill(self, key: str) -> bytes | None:
+        deadline = time.monotonic() + WAIT_FOR_FILL_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(WAIT_STEP_SECONDS)
+            try:
+                value = self.redis.call(lambda r: r.get(key))
+            except RedisUnavailable:
+                return None
+            if value is not None:
+                return value  # type: ignore[no-any-return]
+        return None
+
+    @staticmethod
+    def _bypass(load: Loader, result: str) -> tuple[bytes | None, Status]:
+        CACHE_REQUESTS.labels(result=result).inc()
+        return load(), "BYPASS"
+
+
+class InvalidationBoard:
+    """Counters shared by the workers of one gunicorn master (an mmap'ed file), bumped by every write.
+
+    An in-process entry is valid only while its counter is unchanged, so a write in one worker retires the
+    entries of every worker at once.
+    """
+
+    SLOTS = 4096
+    LISTS = SLOTS  # the extra last slot: the list generation
+
+    def __init__(self, path: str | None) -> None:
+        size = (self.SLOTS + 1) * 8
+        if path:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if os.fstat(self._fd).st_size < size:
+                os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size)
+        else:
+            self._fd = None
+            self._map = mmap.mmap(-1, size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def slot(cls, product_id: str) -> int:
+        """The counter a product's entries depend on."""
+        return zlib.crc32(product_id.encode()) % cls.SLOTS
+
+    def read(self, slot: int) -> int:
+        """The counter's current value."""
+        return struct.unpack_from("<Q", self._map, slot * 8)[0]  # type: ignore[no-any-return]
+
+    def bump(self, *slots: int) -> None:
+        """Increment counters, serialised across threads and processes."""
+        with self._lock:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                for slot in slots:
+                    struct.pack_into("<Q", self._map, slot * 8, self.read(slot) + 1)
+            finally:
+                if self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+class MemoryCache:
+    """A bounded per-worker LRU with TTL, kept exact across workers by the invalidation board."""
+
+    def __init__(self, ttl_seconds: int, board: InvalidationBoard, max_entries: int = 10_000) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.board = board
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._fill_locks: dict[str, threading.Lock] = {}
+
+    def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
+        """The cached product entry, or `load()` remembered until a write bumps its counter."""
+        return self._read_through(f"product:{product_id}", self.board.slot(product_id), load)
+
+    def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
+        """A cached list page, retired by any write."""
+        return self._read_through(f"list:{params}", InvalidationBoard.LISTS, load)
+
+    def invalidate(self, product_id: str) -> None:
+        """Retire the product's entries and every page, in all workers."""
+        self.board.bump(self.board.slot(product_id), InvalidationBoard.LISTS)
+
+    def check(self) -> str:
+        """The in-process cache is always available."""
+        return "ok"
+
+    def _lookup(self, key: str, slot: int) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires_at, stamp, value = entry
+        if expires_at < time.monotonic() or stamp != self.board.read(slot):
+            return None
+        return value
+
+    def _read_through(self, key: str, slot: int, load: Loader) -> tuple[bytes | None, Status]:
+        value = self._lookup(key, slot)
+        if value is not None:
+            CACHE_REQUESTS.labels(result="hit").inc()
+            return value, "HIT"
+        with self._lock:
+            fill_lock = self._fill_locks.setdefault(key, threading.Lock())
+        with fill_lock:
+            value = self._lookup(key, slot)
+            if value is not None:
+                CACHE_REQUESTS.labels(result="hit").inc()
+                return value, "HIT"
+            CACHE_REQUESTS.labels(result="miss").inc()
+            stamp = self.board.read(slot)
+            value = load()
+            if value is not None:
+                ttl = self.ttl_seconds * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
+                with self._lock:
+                    self._entries[key] = (time.monotonic() + ttl, stamp, value)
+                    self._entries.move_to_end(key)
+                    while len(self._entries) > self.max_entries:
+                        evicted, _ = self._entries.popitem(last=False)
+                        self._fill_locks.pop(evicted, None)
+        return value, "MISS"
+
+
+class NoCache:
+    """Caching switched off (TTL 0): every read goes to the database and says BYPASS."""
+
+    def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
+        """Read from the database."""
+        CACHE_REQUESTS.labels(result="bypass").inc()
+        return load(), "BYPASS"
+
+    def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
+        """Read from the database."""
+        CACHE_REQUESTS.labels(result="bypass").inc()
+        return load(), "BYPASS"
+
+    def invalidate(self, product_id: str) -> None:
+        """Nothing is cached."""
+
+    def check(self) -> str:
+        """Caching is off by configuration."""
+        return "disabled"
+
+
+Cache = RedisCache | MemoryCache | NoCache
+BOARD_ENV = "CATALOG_CACHE_BOARD"
+
+
+def make_cache(settings: Settings, guarded: GuardedRedis | None) -> Cache:
+    """Redis when configured, else in-process; off when the TTL is 0."""
+    if settings.cache_ttl_seconds == 0:
+        return NoCache()
+    if guarded is not None:
+        return RedisCache(guarded, settings.cache_ttl_seconds)
+    return MemoryCache(settings.cache_ttl_seconds, InvalidationBoard(os.environ.get(BOARD_ENV)))
+
+
+def init_app(app: Flask) -> None:
+    """Build this process's Redis client (shared with the rate limiter) and the cache."""
+    settings: Settings = app.config["SETTINGS"]
+    guarded = None
+    if settings.redis_url:
+        client = make_redis(settings.redis_url, settings.redis_password_file, pool_size=settings.threads * 2 + 4)
+        guarded = GuardedRedis(client, CircuitBreaker())
+        CACHE_CIRCUIT_OPEN.set(0)
+    app.extensions["catalog.redis"] = guarded
+    app.extensions["catalog.cache"] = make_cache(settings, guarded)

@@ -1,0 +1,108 @@
+"""The `catalog` command: database migrations and seed data, and a local API key for `make run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, select, text
+
+from catalog import logs
+from catalog.config import ConfigError, Settings
+from catalog.db import Database, make_engine, products
+from catalog.products import ProductService
+from catalog.cache import NoCache
+
+log = logging.getLogger("catalog.cli")
+
+# Any constant shared by every replica: whoever holds it migrates, the others wait and then find nothing to do.
+MIGRATION_LOCK_ID = 0x63617461  # "cata"
+
+
+def upgrade(settings: Settings) -> None:
+    """Migrate to the newest schema; on PostgreSQL under an advisory lock, so replicas can all run it."""
+    engine = make_engine(settings)
+    config = Config()
+    config.set_main_option("script_location", "catalog:migrations")
+    with engine.connect() as connection:
+        postgres = connection.dialect.name == "postgresql"
+        if postgres:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            connection.commit()
+        try:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            connection.commit()
+        finally:
+            if postgres:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+                connection.commit()
+    engine.dispose()
+    log.info("database schema is up to date", extra={"backend": engine.dialect.name})
+
+
+def seed(settings: Settings) -> None:
+    """Load the demo products into an empty catalog (a catalog with products is left as it is)."""
+    engine = make_engine(settings)
+    with engine.connect() as connection:
+        existing = connection.execute(select(func.count()).select_from(products)).scalar_one()
+    if existing:
+        log.info("seed skipped: the catalog already has products", extra={"count": existing})
+        engine.dispose()
+        return
+    service = ProductService(Database(engine), NoCache())
+    demo = json.loads(files("catalog").joinpath("seed.json").read_text(encoding="utf-8"))
+    for fields in demo:
+        service.create({"description": "", "tags": [], **fields}, "seed", None, "")
+    engine.dispose()
+    log.info("seeded demo products", extra={"count": len(demo)})
+
+
+def dev_keys(settings: Settings) -> None:
+    """Make a local API key (once; kept between runs) and print how to use it."""
+    directory = settings.api_keys_dir
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, "dev")
+    if not os.path.exists(path):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as key_file:
+            key_file.write(secrets.token_urlsafe(32) + "\n")
+    print(f"API key of the client 'dev': {os.path.abspath(path)}", file=sys.stderr)
+    print(
+        f'Try: curl -s -H "{settings.api_key_header}: $(cat {path})" '
+        f"http://127.0.0.1:{settings.port}/api/v1/products?limit=3",
+        file=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `catalog` console script."""
+    parser = argparse.ArgumentParser(prog="catalog", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    database = commands.add_parser("db", help="database schema and data")
+    database_commands = database.add_subparsers(dest="action", required=True)
+    database_commands.add_parser("upgrade", help="migrate to the newest schema (safe to run concurrently)")
+    database_commands.add_parser("seed", help="load demo products into an empty catalog")
+    commands.add_parser("dev-keys", help="make a local API key for `make run` and print a curl line")
+    arguments = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        logs.configure("INFO")
+        log.critical("invalid configuration", extra={"variable": error.variable, "problem": error.problem})
+        return 2
+    logs.configure(settings.log_level)
+    if arguments.command == "dev-keys":
+        dev_keys(settings)
+    elif arguments.action == "upgrade":
+        upgrade(settings)
+    else:
+        seed(settings)
+    return 0

@@ -1,0 +1,238 @@
+"""The database: engine per process, Core tables, and every query the service runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    exists,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from catalog.config import Settings, database_url_with_password
+from catalog.metrics import DB_QUERIES
+
+metadata = MetaData()
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", String(26), primary_key=True),
+    Column("sku", String(64), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("price_cents", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("tags", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("version", Integer, nullable=False),
+    UniqueConstraint("sku", name="uq_products_sku"),
+)
+
+product_tags = Table(
+    "product_tags",
+    metadata,
+    Column("product_id", String(26), ForeignKey("products.id", ondelete="CASCADE"), nullable=False),
+    Column("tag", String(40), nullable=False),
+    PrimaryKeyConstraint("product_id", "tag"),
+    Index("ix_product_tags_tag_product", "tag", "product_id"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("client", String(200), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("location", String(300), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("client", "key"),
+    Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
+IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
+
+
+def utcnow() -> dt.datetime:
+    """Now in UTC, naive (both backends store UTC without a zone)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def make_engine(settings: Settings) -> Engine:
+    """An engine for the configured database: SQLite with WAL and a busy timeout, or PostgreSQL via psycopg 3."""
+    url = database_url_with_password(settings)
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        pool_size=settings.threads,
+        max_overflow=settings.threads,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5, "application_name": "catalog"},
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Database:
+    """The engine of this process and the queries over it; each query counts in catalog_db_queries_total."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def dispose(self) -> None:
+        """Drop pooled connections inherited from a parent process (called after fork)."""
+        self.engine.dispose(close=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection inside one transaction, committed on success."""
+        with self.engine.begin() as connection:
+            yield connection
+
+    def ping(self) -> None:
+        """Raise unless the database answers a trivial query."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        DB_QUERIES.labels(operation="ping").inc()
+
+    def get_product(self, product_id: str) -> dict[str, Any] | None:
+        """One product row, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(products).where(products.c.id == product_id)).mappings().first()
+        DB_QUERIES.labels(operation="get_product").inc()
+        return dict(row) if row else None
+
+    def list_products(self, limit: int, after_id: str | None, tag: str | None) -> list[dict[str, Any]]:
+        """Up to `limit` products in id order, after `after_id`, optionally having `tag`."""
+        query = select(products).order_by(products.c.id).limit(limit)
+        if after_id is not None:
+            query = query.where(products.c.id > after_id)
+        if tag is not None:
+            query = query.where(
+                exists().where(product_tags.c.product_id == products.c.id, product_tags.c.tag == tag)
+            )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()
+        DB_QUERIES.labels(operation="list_products").inc()
+        return [dict(row) for row in rows]
+
+    def insert_product(self, connection: Connection, row: Mapping[str, Any]) -> None:
+        """Insert a product and its tags; raises IntegrityError on a duplicate sku."""
+        connection.execute(insert(products).values(**row))
+        self._write_tags(connection, row["id"], row["tags"])
+        DB_QUERIES.labels(operation="insert_product").inc()
+
+    def update_product(
+        self, connection: Connection, product_id: str, expected_version: int, values: Mapping[str, Any]
+    ) -> bool:
+        """Apply `values` if the row still has `expected_version`; False when it changed or vanished."""
+        result = connection.execute(
+            update(products)
+            .where(products.c.id == product_id, products.c.version == expected_version)
+            .values(**values)
+        )
+        DB_QUERIES.labels(operation="update_product").inc()
+        if result.rowcount != 1:
+            return False
+        connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
+        self._write_tags(connection, product_id, values["tags"])
+        return True
+
+    def delete_product(self, connection: Connection, product_id: str, expected_version: int | None) -> bool:
+        """Delete the product (if it still has `expected_version`, when given); False when nothing matched."""
+        query = delete(products).where(products.c.id == product_id)
+        if expected_version is not None:
+            query = query.where(products.c.version == expected_version)
+        connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
+        result = connection.execute(query)
+        DB_QUERIES.labels(operation="delete_product").inc()
+        return result.rowcount == 1
+
+    def get_product_for_update(self, connection: Connection, product_id: str) -> dict[str, Any] | None:
+        """The current row inside a write transaction."""
+        row = connection.execute(select(products).where(products.c.id == product_id)).mappings().first()
+        DB_QUERIES.labels(operation="get_product").inc()
+        return dict(row) if row else None
+
+    def get_idempotent(self, client: str, key: str) -> dict[str, Any] | None:
+        """The stored answer for (client, Idempotency-Key), if still within its window."""
+        query = select(idempotency_keys).where(
+            idempotency_keys.c.client == client,
+            idempotency_keys.c.key == key,
+            idempotency_keys.c.created_at > utcnow() - IDEMPOTENCY_WINDOW,
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        DB_QUERIES.labels(operation="get_idempotency_key").inc()
+        return dict(row) if row else None
+
+    def store_idempotent(self, connection: Connection, record: Mapping[str, Any]) -> None:
+        """Record the answer given for an Idempotency-Key and drop records past their window."""
+        connection.execute(delete(idempotency_keys).where(idempotency_keys.c.created_at <= utcnow() - IDEMPOTENCY_WINDOW))
+        connection.execute(insert(idempotency_keys).values(**record))
+        DB_QUERIES.labels(operation="store_idempotency_key").inc()
+
+    @staticmethod
+    def _write_tags(connection: Connection, product_id: str, tags: Sequence[str]) -> None:
+        unique = list(dict.fromkeys(tags))
+        if unique:
+            connection.execute(insert(product_tags), [{"product_id": product_id, "tag": t} for t in unique])
+
+
+def is_unique_violation(error: IntegrityError) -> bool:
+    """True when the integrity error is a unique-constraint violation (duplicate sku or key)."""
+    code = getattr(error.orig, "sqlstate", None)
+    if code is not None:
+        return bool(code == "23505")
+    return "UNIQUE" in str(error.orig).upper()
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for stored answers."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def init_app(app: Flask) -> None:
+    """Create this process's engine; gunicorn's post_fork disposes any inherited pool."""
+    app.extensions["catalog.db"] = Database(make_engine(app.config["SETTINGS"]))

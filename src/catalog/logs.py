@@ -1,0 +1,126 @@
+"""One JSON object per line on stdout for the app, gunicorn and the access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, has_request_context, request
+from pythonjsonlogger.json import JsonFormatter
+
+ACCESS_LOGGER = "catalog.access"
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+
+class JsonLineFormatter(JsonFormatter):  # type: ignore[misc]
+    """python-json-logger with the contract's field names and an RFC 3339 UTC timestamp."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("rename_fields", {"levelname": "level", "name": "logger"})
+        kwargs.setdefault("json_default", str)
+        kwargs.setdefault("json_ensure_ascii", False)
+        super().__init__("%(levelname)s %(name)s %(message)s", *args, **kwargs)
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        seconds = int(record.created)
+        log_data["timestamp"] = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(record.msecs):03d}Z"
+        )
+        super().add_fields(log_data, record, message_dict)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the serving request's id to every line logged while it is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id") and has_request_context():
+            request_id = g.get("request_id")
+            if request_id is not None:
+                record.request_id = request_id
+        return True
+
+
+def json_handler() -> logging.Handler:
+    """A stdout handler writing JSON lines with request ids."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonLineFormatter())
+    handler.addFilter(RequestIdFilter())
+    return handler
+
+
+def configure(level: str) -> None:
+    """Route the root logger (and so every library's) to one JSON handler on stdout, once."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(isinstance(h.formatter, JsonLineFormatter) for h in root.handlers):
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(json_handler())
+
+
+def gunicorn_logconfig(level: str) -> dict[str, Any]:
+    """logging.dictConfig for gunicorn: its error log and ours share the JSON handler; its access log is off."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonLineFormatter}},
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "json",
+                "filters": ["request_id"],
+            }
+        },
+        "root": {"level": level, "handlers": ["stdout"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+        },
+    }
+
+
+def start_request() -> None:
+    """Take the caller's X-Request-ID if it is well-formed, else make one; start the clock."""
+    g.started = time.perf_counter()
+    offered = request.headers.get("X-Request-ID", "")
+    g.request_id = offered if REQUEST_ID.match(offered) else uuid.uuid4().hex
+
+
+def finish_request(response: Response) -> Response:
+    """Echo the request id and write the one access line of the request."""
+    request_id = g.get("request_id")
+    if request_id is None:
+        start_request()
+        request_id = g.request_id
+    response.headers["X-Request-ID"] = request_id
+    client = g.get("client")
+    access_log.info(
+        "%s %s %s",
+        request.method,
+        request.path,
+        response.status_code,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round((time.perf_counter() - g.started) * 1000, 2),
+            "client": client.name if client else None,
+        },
+    )
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """JSON logging at the configured level (gunicorn may have set it up); request ids; the access log."""
+    configure(app.config["SETTINGS"].log_level)
+    app.logger.handlers.clear()
+    app.logger.propagate = True
+    app.before_request(start_request)
+    app.after_request(finish_request)

@@ -1,0 +1,288 @@
+"""The products service: reads go through the cache, writes go to the database and then invalidate."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app
+from sqlalchemy.exc import IntegrityError
+
+from catalog.cache import Cache, Status
+from catalog.db import Database, dumps, is_unique_violation, utcnow
+from catalog.errors import Problem
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+MAX_WRITE_ATTEMPTS = 3
+
+Fields = dict[str, Any]
+Precondition = Callable[[int], bool]
+
+
+class ProductNotFound(Problem):
+    """No product has this id."""
+
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class DuplicateSku(Problem):
+    """Another product already has this sku."""
+
+    status, slug, title = 409, "duplicate-sku", "Duplicate SKU"
+
+
+class PreconditionFailed(Problem):
+    """If-Match named a version that is no longer current."""
+
+    status, slug, title = 412, "precondition-failed", "Precondition failed"
+
+
+class IdempotencyKeyReused(Problem):
+    """The Idempotency-Key was used before with a different body."""
+
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key reused"
+
+
+class InvalidCursor(Problem):
+    """The cursor was not made by this service."""
+
+    status, slug, title = 422, "validation-error", "Validation failed"
+
+
+def new_id() -> str:
+    """A 26-character id that sorts by creation time: 48 bits of milliseconds, 80 random bits (Crockford)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def encode_cursor(product_id: str) -> str:
+    """An opaque cursor that resumes after `product_id`."""
+    return base64.urlsafe_b64encode(product_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The id a cursor resumes after; InvalidCursor if it was not made here."""
+    try:
+        product_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        product_id = ""
+    if not ID_PATTERN.match(product_id):
+        raise InvalidCursor(
+            "The cursor is not one this service returned.",
+            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
+        )
+    return product_id
+
+
+def _timestamp(value: dt.datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def public(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The product as the API shows it."""
+    return {
+        "id": row["id"],
+        "sku": row["sku"],
+        "name": row["name"],
+        "description": row["description"],
+        "price_cents": row["price_cents"],
+        "currency": row["currency"],
+        "tags": list(row["tags"]),
+        "created_at": _timestamp(row["created_at"]),
+        "updated_at": _timestamp(row["updated_at"]),
+        "version": row["version"],
+    }
+
+
+def encode_entry(row: Mapping[str, Any]) -> bytes:
+    """A cache entry: the version (for ETags without a database read), a newline, the JSON body."""
+    return f"{row['version']}\n".encode() + dumps(public(row)).encode()
+
+
+def decode_entry(entry: bytes) -> tuple[int, bytes]:
+    """(version, JSON body) of a cache entry."""
+    version, _, body = entry.partition(b"\n")
+    return int(version), body
+
+
+def request_fingerprint(body: Any) -> str:
+    """The same JSON body always gives the same fingerprint, whatever its key order or spacing."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    """The answer to a create: fresh, or replayed for a repeated Idempotency-Key."""
+
+    status: int
+    body: bytes
+    location: str | None
+    replayed: bool
+
+
+class ProductService:
+    """Every read and write of products; routes call only this."""
+
+    def __init__(self, db: Database, cache: Cache) -> None:
+        self.db = db
+        self.cache = cache
+
+    def get(self, product_id: str) -> tuple[int, bytes, Status]:
+        """(version, JSON body, cache status) of a product; ProductNotFound if absent."""
+        if not ID_PATTERN.match(product_id):
+            raise ProductNotFound(f"No product has the id {product_id!r}.")
+
+        def load() -> bytes | None:
+            row = self.db.get_product(product_id)
+            return encode_entry(row) if row else None
+
+        entry, status = self.cache.product(product_id, load)
+        if entry is None:
+            raise ProductNotFound(f"No product has the id {product_id!r}.")
+        version, body = decode_entry(entry)
+        return version, body, status
+
+    def list(self, limit: int, cursor: str | None, tag: str | None) -> tuple[bytes, Status]:
+        """One page of products in a stable order, with the cursor of the next page."""
+        after_id = decode_cursor(cursor) if cursor else None
+
+        def load() -> bytes:
+            rows = self.db.list_products(limit + 1, after_id, tag)
+            page = rows[:limit]
+            next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+            return dumps({"items": [public(row) for row in page], "next_cursor": next_cursor}).encode()
+
+        body, status = self.cache.page(f"{limit}:{after_id or ''}:{tag or ''}", load)
+        assert body is not None
+        return body, status
+
+    def create(self, fields: Fields, client: str, idempotency_key: str | None, fingerprint: str) -> Created:
+        """Insert a product; a repeated Idempotency-Key gets the first answer back."""
+        if idempotency_key:
+            replay = self._replay(client, idempotency_key, fingerprint)
+            if replay:
+                return replay
+        now = utcnow()
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        row = {**fields, "id": new_id(), "created_at": now, "updated_at": now, "version": 1}
+        body = dumps(public(row)).encode()
+        location = f"/api/v1/products/{row['id']}"
+        try:
+            with self.db.transaction() as connection:
+                self.db.insert_product(connection, row)
+                if idempotency_key:
+                    self.db.store_idempotent(
+                        connection,
+                        {
+                            "client": client,
+                            "key": idempotency_key,
+                            "request_hash": fingerprint,
+                            "status": 201,
+                            "body": body.decode(),
+                            "location": location,
+                            "created_at": now,
+                        },
+                    )
+        except IntegrityError as error:
+            replay = self._replay(client, idempotency_key, fingerprint) if idempotency_key else None
+            if replay:
+                return replay
+            if is_unique_violation(error):
+                raise DuplicateSku(f"A product with sku {fields['sku']!r} already exists.") from None
+            raise
+        self.cache.invalidate(row["id"])
+        return Created(201, body, location, replayed=False)
+
+    def replace(self, product_id: str, fields: Fields, precondition: Precondition | None) -> tuple[int, bytes]:
+        """Replace every field; (new version, JSON body)."""
+        return self._write(product_id, lambda _current: fields, precondition)
+
+    def patch(
+        self, product_id: str, change: Callable[[Fields], Fields], precondition: Precondition | None
+    ) -> tuple[int, bytes]:
+        """Apply `change` to the current fields (a JSON merge patch, validated by the caller)."""
+        return self._write(product_id, change, precondition)
+
+    def delete(self, product_id: str, precondition: Precondition | None) -> None:
+        """Delete a product; ProductNotFound if absent, PreconditionFailed on a stale If-Match."""
+        with self.db.transaction() as connection:
+            current = self.db.get_product_for_update(connection, product_id) if ID_PATTERN.match(product_id) else None
+            if current is None:
+                raise ProductNotFound(f"No product has the id {product_id!r}.")
+            if precondition and not precondition(current["version"]):
+                raise PreconditionFailed("The product has changed since the version named in If-Match.")
+            if not self.db.delete_product(connection, product_id, current["version"]):
+                raise PreconditionFailed("The product changed while it was being deleted; read it again.")
+        self.cache.invalidate(product_id)
+
+    def _write(
+        self, product_id: str, change: Callable[[Fields], Fields], precondition: Precondition | None
+    ) -> tuple[int, bytes]:
+        if not ID_PATTERN.match(product_id):
+            raise ProductNotFound(f"No product has the id {product_id!r}.")
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
+            try:
+                with self.db.transaction() as connection:
+                    current = self.db.get_product_for_update(connection, product_id)
+                    if current is None:
+                        raise ProductNotFound(f"No product has the id {product_id!r}.")
+                    if precondition and not precondition(current["version"]):
+                        raise PreconditionFailed("The product has changed since the version named in If-Match.")
+                    fields = change(editable(current))
+                    now = utcnow()
+                    values = {
+                        **fields,
+                        "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+                        "version": current["version"] + 1,
+                    }
+                    if self.db.update_product(connection, product_id, current["version"], values):
+                        row = {**current, **values}
+                        break
+            except IntegrityError as error:
+                if is_unique_violation(error):
+                    raise DuplicateSku("Another product already has this sku.") from None
+                raise
+            if precondition:
+                raise PreconditionFailed("The product changed while it was being written; read it again.")
+        else:
+            raise PreconditionFailed("The product is being changed by others; read it again and retry.")
+        self.cache.invalidate(product_id)
+        return row["version"], dumps(public(row)).encode()
+
+    def _replay(self, client: str, key: str, fingerprint: str) -> Created | None:
+        stored = self.db.get_idempotent(client, key)
+        if stored is None:
+            return None
+        if stored["request_hash"] != fingerprint:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was used in the last 24 hours with a different request body."
+            )
+        return Created(stored["status"], stored["body"].encode(), stored["location"], replayed=True)
+
+
+EDITABLE = ("sku", "name", "description", "price_cents", "currency", "tags")
+
+
+def editable(row: Mapping[str, Any]) -> Fields:
+    """The fields a client may change."""
+    return {name: row[name] for name in EDITABLE}
+
+
+def service() -> ProductService:
+    """The products service of the current app."""
+    return current_app.extensions["catalog.products"]  # type: ignore[no-any-return]
+
+
+def init_app(app: Flask) -> None:
+    """Wire the service to this app's database and cache."""
+    app.extensions["catalog.products"] = ProductService(app.extensions["catalog.db"], app.extensions["catalog.cache"])

@@ -1,0 +1,340 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), a kubelet-style keys directory, the app, and real
+redis-server and gunicorn processes."""
+
+import os
+import tempfile
+
+# prometheus_client picks multiprocess mode when it is imported: set the directory before catalog is.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="catalog-test-metrics-"))
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+import redis  # noqa: E402
+import requests  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from catalog import create_app  # noqa: E402
+from catalog.cli import upgrade  # noqa: E402
+from catalog.config import Settings  # noqa: E402
+from tests.tools import IN_CI, require_tool  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WRITER_KEY = "writer-key-0123456789abcdef"
+READER_KEY = "reader-key-0123456789abcdef"
+DEFAULT_KEYS = {
+    "writer": WRITER_KEY,
+    "reader": json.dumps({"key": READER_KEY, "scopes": ["read"]}),
+}
+TABLES = ("product_tags", "idempotency_keys", "products")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def auth(key: str = WRITER_KEY) -> dict[str, str]:
+    """Headers that authenticate as the client owning `key`."""
+    return {"X-Api-Key": key}
+
+
+def product_body(**overrides: Any) -> dict[str, Any]:
+    """A valid product body with a unique sku."""
+    body = {
+        "sku": f"SKU-{uuid.uuid4().hex[:10].upper()}",
+        "name": "Espresso cup",
+        "description": "Porcelain, 90 ml",
+        "price_cents": 1250,
+        "currency": "EUR",
+        "tags": ["kitchen"],
+    }
+    body.update(overrides)
+    return body
+
+
+# --- databases ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite database file for this test session."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'catalog.db'}"
+    upgrade(Settings(database_url=url))
+    return url
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    """A migrated schema of its own in the test PostgreSQL (CATALOG_TEST_DATABASE_URL), dropped afterwards."""
+    base = os.environ.get("CATALOG_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        psycopg.connect(base.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3).close()
+    except psycopg.OperationalError as error:
+        message = f"PostgreSQL at CATALOG_TEST_DATABASE_URL is not reachable: {error}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    schema = f"catalog_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in base else "?"
+    url = f"{base}{separator}options=-csearch_path%3D{schema}"
+    upgrade(Settings(database_url=url))
+    yield url
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture
+def backend() -> str:
+    """The database backend of a test; API test modules parametrize it over both."""
+    return "sqlite"
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, backend: str) -> str:
+    """The backend's migrated database, emptied for this test."""
+    url: str = request.getfixturevalue(f"{backend}_url")
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as connection:
+        for table in TABLES:
+            connection.execute(text(f"DELETE FROM {table}"))
+    engine.dispose()
+    return url
+
+
+# --- the API keys Secret -----------------------------------------------------------------------------------
+
+
+class SecretDir:
+    """A directory laid out and updated exactly as the kubelet's atomic writer does for a Secret volume:
+    `..<timestamp>/` holds the files, `..data` links to it, and each key is a link `name -> ..data/name`.
+    An update writes a new timestamped directory and renames a new `..data` link over the old one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, entries: Mapping[str, str]) -> None:
+        """Replace the whole Secret's content atomically."""
+        stamp = datetime.now(UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
+        new_dir = self.path / stamp
+        new_dir.mkdir()
+        for name, content in entries.items():
+            (new_dir / name).write_text(content)
+        data = self.path / "..data"
+        old_target = os.readlink(data) if data.is_symlink() else None
+        temporary = self.path / "..data_tmp"
+        os.symlink(stamp, temporary)
+        os.rename(temporary, data)
+        for name in entries:
+            link = self.path / name
+            if not link.is_symlink():
+                os.symlink(f"..data/{name}", link)
+        for link in self.path.iterdir():
+            if not link.name.startswith(".") and link.name not in entries:
+                link.unlink()
+        if old_target:
+            shutil.rmtree(self.path / old_target)
+
+
+@pytest.fixture
+def keys_dir(tmp_path: Path) -> SecretDir:
+    """A Secret volume with a read-write client `writer` and a read-only client `reader`."""
+    secret = SecretDir(tmp_path / "api-keys")
+    secret.write(DEFAULT_KEYS)
+    return secret
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(database_url: str, keys_dir: SecretDir) -> Settings:
+    """Settings of an app on the test database, the test keys and the in-process cache."""
+    return Settings(
+        database_url=database_url,
+        api_keys_dir=str(keys_dir.path),
+        rate_limit="100000/second",
+        auth_failure_limit="100000/minute",
+    )
+
+
+@pytest.fixture
+def app(settings: Settings) -> Any:
+    """The app, as gunicorn would build it."""
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    """A test client of the app."""
+    return app.test_client()
+
+
+# --- real servers ------------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, which the test may kill, pause and restart."""
+
+    def __init__(self, directory: Path, password: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.binary = require_tool("redis-server")
+        self.directory = directory
+        self.password = password
+        self.extra = extra
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """redis:// URL (without the password)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (again) on the same port, empty."""
+        arguments = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                     "no", "--dir", str(self.directory), *self.extra]
+        if self.password:
+            arguments += ["--requirepass", self.password]
+        self.process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.client().ping()
+                return
+            except redis.AuthenticationError:
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def client(self) -> redis.Redis:
+        """A plain client of this server."""
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
+
+    def kill(self) -> None:
+        """SIGKILL: the server is gone, connections are reset."""
+        assert self.process
+        self.resume()
+        self.process.kill()
+        self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers."""
+        assert self.process
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        assert self.process
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop for good."""
+        if self.process and self.process.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server on a free port."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+class Gunicorn:
+    """The real server: `gunicorn -c gunicorn.conf.py` with the given environment, on a free port."""
+
+    def __init__(self, directory: Path, env: Mapping[str, str], arguments: tuple[str, ...] = ()) -> None:
+        self.port = int(env.get("PORT") or free_port())
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / f"gunicorn-{self.port}.log"
+        metrics_dir = directory / f"metrics-{self.port}"
+        metrics_dir.mkdir()
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "PORT": str(self.port),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "CATALOG_LOG_LEVEL": "INFO",
+            **env,
+        }
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), *arguments],
+            cwd=directory,
+            env=self.env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until /livez answers in every worker's place."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if requests.get(f"{self.url}/livez", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything gunicorn and the app wrote so far."""
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The output parsed as JSON lines (fails the test on a line that is not JSON)."""
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        """Signal gunicorn and wait for its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Any]:
+    """Start real gunicorn servers: `gunicorn(env, arguments)`; all are stopped after the test."""
+    servers: list[Gunicorn] = []
+
+    def start(env: Mapping[str, str], arguments: tuple[str, ...] = ()) -> Gunicorn:
+        server = Gunicorn(tmp_path, env, arguments)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,19 @@
+"""Find the external tools a test needs: skip when absent, fail under CI=true."""
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(name: str) -> str:
+    """Return the path of `name` on PATH; skip the test without it, or fail under CI=true."""
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"{name} is not installed (.ci/run installs it)"
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
