@@ -1,0 +1,31 @@
+"""The floor of a Flask service: one endpoint that answers a small JSON product, nothing else.
+
+`gunicorn bare_app:app` with the same settings as catalog (see bench/run.py).
+"""
+
+from flask import Flask, Response, jsonify
+
+PRODUCT = {
+    "id": "bench",
+    "sku": "BENCH-1",
+    "name": "Bench product",
+    "description": "A product to measure with",
+    "price_cents": 1250,
+    "currency": "EUR",
+    "tags": ["bench"],
+    "created_at": "2026-01-01T00:00:00Z",
+    "updated_at": "2026-01-01T00:00:00Z",
+    "version": 1,
+}
+
+app = Flask(__name__)
+
+
+@app.get("/livez")
+def livez() -> Response:
+    return jsonify(status="ok")
+
+
+@app.get("/api/v1/products/<product_id>")
+def get_product(product_id: str) -> Response:
+    return jsonify({**PRODUCT, "id": product_id})

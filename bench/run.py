@@ -1,0 +1,655 @@
+#!/usr/bin/env python3
+"""Benchmark catalog's read path against its floor, a bare Flask app and the "obvious" build.
+
+One run starts these servers, each under gunicorn with the SAME settings (gthread, 2 workers, 4 threads,
+keep-alive 5 s, no max-requests restarts, loopback port chosen free), then loads them one at a time with
+wrk (fixed duration, connections and threads, after a short warm-up), in rounds with --repeat (median
+shown):
+
+  floor     catalog's own GET /livez: the cost of the stack itself (gunicorn + Flask + catalog's hooks)
+  bare      bench/bare_app.py: a bare Flask endpoint returning a small JSON product
+  cached    catalog GET /api/v1/products/<id> with everything on: API key, Redis cache (X-Cache: HIT),
+            Redis rate limit (high enough not to trigger), JSON access log (to /dev/null),
+            multiprocess metrics
+  uncached  the same GET with the cache off (CATALOG_CACHE_TTL_SECONDS=0 -> X-Cache: BYPASS): the
+            database path
+  obvious   bench/obvious_app.py: the same endpoint built the obvious way (Flask-Caching, Flask-Limiter,
+            python-json-logger, prometheus-flask-exporter, SQLAlchemy + SQLite)
+
+and prints requests/s, p50 and p99 of each and the ratios cached/bare (target >= 0.7), cached/obvious
+(target >= 2), cached/floor and cached/uncached; also the servers' CPU time per request (from /proc) and
+the same ratios computed from it, which a busy shared machine disturbs much less than requests/s.
+
+    python bench/run.py [--duration 10] [--connections 16] [--threads 2] [--json] [--check]
+
+Needs: `wrk` and `redis-server` on PATH; catalog installed in the project venv (`make install`, or
+--catalog-venv); this interpreter with bench/requirements.in installed (for the bare and obvious apps).
+Everything listens on 127.0.0.1 only and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WRK_SCRIPT = BENCH / "wrk_report.lua"
+
+SCENARIOS = ("floor", "bare", "cached", "uncached", "obvious")
+WORKERS, THREADS = 2, 4
+# (numerator, denominator, target or None): cached must reach 70 % of a bare Flask endpoint and twice the
+# obvious build.
+RATIOS = (
+    ("cached", "bare", 0.7),
+    ("cached", "obvious", 2.0),
+    ("cached", "floor", None),
+    ("cached", "uncached", None),
+)
+PRODUCT = {
+    "sku": "BENCH-1",
+    "name": "Bench product",
+    "description": "A product to measure with",
+    "price_cents": 1250,
+    "currency": "EUR",
+    "tags": ["bench"],
+}
+
+
+class BenchError(RuntimeError):
+    """A scenario could not be set up or measured."""
+
+
+@dataclass
+class Result:
+    name: str
+    path: str = ""
+    requests_per_second: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    requests: int = 0
+    non_2xx: int = 0
+    socket_errors: int = 0
+    cpu_us_per_request: float | None = None
+    x_cache: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Settings:
+    duration: int
+    connections: int
+    threads: int
+    warmup: int
+    repeat: int = 1
+    workers: int = WORKERS
+    worker_threads: int = THREADS
+    worker_class: str = "gthread"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(
+    method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers.items()), error.read()
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+class Process:
+    """A child process in its own session; stopped with SIGTERM (then SIGKILL) when the block ends."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, logdir: Path) -> None:
+        self.name = name
+        self.stderr_path = logdir / f"{name}.stderr.log"
+        self.stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        self.stderr.flush()
+        text = self.stderr_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.stderr.close()
+
+
+@contextlib.contextmanager
+def running(name: str, cmd: list[str], env: dict[str, str], cwd: Path, logdir: Path) -> Iterator[Process]:
+    process = Process(name, cmd, env, cwd, logdir)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def wait_http(process: Process, url: str, timeout: float = 60.0) -> None:
+    """Wait until `url` answers 200, or fail with the process's last log lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise BenchError(f"{process.name} exited with {process.proc.returncode}:\n{process.tail()}")
+        with contextlib.suppress(OSError):
+            if http("GET", url)[0] == 200:
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{process.name} did not answer {url} within {timeout:.0f} s:\n{process.tail()}")
+
+
+def redis_command(port: int, *args: str) -> bytes:
+    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(payload)
+        return sock.recv(4096)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its children (gunicorn's master and workers), from /proc."""
+    pids = [root]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == root:  # field 4, ppid
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
+    return total / CLOCK_TICKS
+
+
+@contextlib.contextmanager
+def redis_server(logdir: Path) -> Iterator[tuple[int, Process]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not on PATH (Debian package redis-server)")
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    cmd += ["--daemonize", "no", "--loglevel", "warning", "--dir", str(logdir)]
+    with running("redis", cmd, dict(os.environ), logdir, logdir) as process:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if redis_command(port, "PING").startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or not process.alive():
+                raise BenchError(f"redis-server did not start:\n{process.tail()}")
+            time.sleep(0.05)
+        yield port, process
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+
+def wrk(url: str, settings: Settings, duration: int, api_key: str | None) -> dict[str, Any]:
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise BenchError("wrk is not on PATH (Debian package wrk)")
+    env = dict(os.environ, BENCH_API_KEY=api_key or "")
+    cmd = [binary, f"-t{settings.threads}", f"-c{settings.connections}", f"-d{duration}s", "--timeout", "5s"]
+    cmd += ["-s", str(WRK_SCRIPT), url]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60, check=False)
+    for line in result.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            data: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+            return data
+    raise BenchError(f"wrk gave no result (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+@dataclass
+class Target:
+    """A prepared scenario: where to send the load, with which key, and what to check afterwards."""
+
+    name: str
+    base: str
+    path: str
+    api_key: str | None = None
+    expect_cache: str | None = None  # the X-Cache answer a GET must carry: HIT, or "not HIT"
+    processes: list[Process] = field(default_factory=list)  # whose CPU time the requests cost
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    seen_cache: str | None = None  # X-Cache right after the last run
+
+
+def x_cache(target: Target) -> str | None:
+    headers = {"X-Api-Key": target.api_key} if target.api_key else {}
+    status, response_headers, _ = http("GET", target.base + target.path, headers)
+    if status != 200:
+        raise BenchError(f"{target.name}: GET {target.path} answered {status}")
+    return response_headers.get("X-Cache")
+
+
+def summarize(target: Target) -> Result:
+    """The run with the median throughput (the machine may be shared and noisy), errors over all runs."""
+    runs = sorted(target.runs, key=lambda run: run["requests"] / run["duration_us"])
+    data = runs[len(runs) // 2]
+    errors = {key: sum(run["errors"][key] for run in runs) for key in data["errors"]}
+    result = Result(
+        name=target.name,
+        path=target.path,
+        requests_per_second=round(data["requests"] / (data["duration_us"] / 1e6), 1),
+        p50_ms=round(data["latency_us"]["p50"] / 1000, 3),
+        p99_ms=round(data["latency_us"]["p99"] / 1000, 3),
+        requests=sum(run["requests"] for run in runs),
+        non_2xx=errors["status"],
+        socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        cpu_us_per_request=round(
+            sum(run["server_cpu_s"] for run in runs) / max(sum(run["requests"] for run in runs), 1) * 1e6, 1
+        ),
+    )
+    if result.non_2xx or result.socket_errors:
+        result.error = f"{result.non_2xx} non-2xx answers, {result.socket_errors} socket errors"
+    if target.expect_cache is not None:
+        result.x_cache = target.seen_cache
+        if target.expect_cache == "HIT" and result.x_cache != "HIT":
+            result.error = f"expected X-Cache: HIT, got {result.x_cache}"
+        if target.expect_cache == "not HIT" and result.x_cache == "HIT":
+            result.error = "X-Cache: HIT with CATALOG_CACHE_TTL_SECONDS=0: the cache is not off"
+    return result
+
+
+def load(target: Target, settings: Settings, warmup: bool) -> None:
+    url = target.base + target.path
+    if warmup and settings.warmup:
+        wrk(url, settings, settings.warmup, target.api_key)
+    pids = [pid for process in target.processes for pid in process_tree(process.proc.pid)]
+    cpu_before = cpu_seconds(pids)
+    data = wrk(url, settings, settings.duration, target.api_key)
+    data["server_cpu_s"] = cpu_seconds(pids) - cpu_before
+    target.runs.append(data)
+    if target.expect_cache is not None:
+        # Right after the load: a MISS can only be the entry's TTL running out just now, so a second
+        # GET must then be a HIT.
+        target.seen_cache = x_cache(target)
+        if target.seen_cache == "MISS":
+            target.seen_cache = x_cache(target)
+    log(
+        f"{target.name}: {data['requests'] / (data['duration_us'] / 1e6):.0f} req/s, "
+        f"p50 {data['latency_us']['p50'] / 1000:.2f} ms, p99 {data['latency_us']['p99'] / 1000:.2f} ms, "
+        f"{data['errors']['status']} non-2xx, {data['server_cpu_s'] / max(data['requests'], 1) * 1e6:.0f} "
+        "CPU-us/request"
+    )
+
+
+# --- the scenarios: each starts its server (kept running until the end) and returns its targets -------
+
+
+def gunicorn_args(port: int) -> list[str]:
+    """The settings every server gets (catalog's gunicorn.conf.py is also read, these override it)."""
+    return [
+        "--workers",
+        str(WORKERS),
+        "--threads",
+        str(THREADS),
+        "--worker-class",
+        "gthread",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--max-requests",
+        "0",
+        "--keep-alive",
+        "5",
+        *(["--worker-tmp-dir", "/dev/shm"] if os.path.isdir("/dev/shm") else []),
+    ]
+
+
+def base_env(port: int, metrics_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CATALOG_", "PROMETHEUS_", "GUNICORN_"))}
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    env.update(
+        PORT=str(port),
+        WEB_CONCURRENCY=str(WORKERS),
+        CATALOG_THREADS=str(THREADS),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+@dataclass
+class Context:
+    tmp: Path
+    settings: Settings
+    stack: contextlib.ExitStack
+    python: str
+    catalog_venv: Path
+    redis_port: int
+    redis: Process
+    api_key: str
+    product_id: str
+
+
+def start_bare(ctx: Context) -> list[Target]:
+    port = free_port()
+    env = base_env(port, ctx.tmp / "metrics-bare")
+    base = f"http://127.0.0.1:{port}"
+    cmd = [ctx.python, "-m", "gunicorn", *gunicorn_args(port), "bare_app:app"]
+    process = ctx.stack.enter_context(running("bare", cmd, env, BENCH, ctx.tmp))
+    wait_http(process, base + "/livez")
+    target = Target("bare", base, "/api/v1/products/bench", processes=[process])
+    x_cache(target)  # one warm-up GET, and it must answer 200
+    return [target]
+
+
+def catalog_env(ctx: Context, port: int, ttl: int, tag: str) -> dict[str, str]:
+    env = base_env(port, ctx.tmp / f"metrics-{tag}")
+    env.update(
+        CATALOG_DATABASE_URL=f"sqlite:///{ctx.tmp / 'catalog.db'}",
+        CATALOG_API_KEYS_DIR=str(ctx.tmp / "api-keys"),
+        CATALOG_REDIS_URL=f"redis://127.0.0.1:{ctx.redis_port}/0",
+        CATALOG_CACHE_TTL_SECONDS=str(ttl),
+        CATALOG_RATE_LIMIT="1000000/second",
+        CATALOG_LOG_LEVEL="INFO",
+    )
+    return env
+
+
+def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
+    """floor and cached on one catalog server (TTL 60), uncached on another (TTL 0), one database."""
+    gunicorn, cli = ctx.catalog_venv / "bin" / "gunicorn", ctx.catalog_venv / "bin" / "catalog"
+    if not gunicorn.exists() or not cli.exists():
+        raise BenchError(f"catalog is not installed in {ctx.catalog_venv} (make install)")
+    if not (ROOT / "gunicorn.conf.py").exists():
+        raise BenchError("gunicorn.conf.py is missing at the repository root")
+    headers = {"X-Api-Key": ctx.api_key, "Accept": "application/json"}
+    targets: list[Target] = []
+
+    port = free_port()
+    env = catalog_env(ctx, port, 60, "cached")
+    migrate = subprocess.run(
+        [str(cli), "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if migrate.returncode != 0:
+        raise BenchError(f"catalog db upgrade failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-2000:]}")
+    base = f"http://127.0.0.1:{port}"
+    process = ctx.stack.enter_context(
+        running("catalog", [str(gunicorn), *gunicorn_args(port)], env, ROOT, ctx.tmp)
+    )
+    wait_http(process, base + "/livez")
+    status, _, body = http(
+        "POST",
+        base + "/api/v1/products",
+        {**headers, "Content-Type": "application/json"},
+        json.dumps(PRODUCT).encode(),
+    )
+    if status != 201:
+        raise BenchError(f"catalog: POST /api/v1/products answered {status}: {body[:300]!r}")
+    ctx.product_id = str(json.loads(body)["id"])
+    path = f"/api/v1/products/{ctx.product_id}"
+    if "floor" in wanted:
+        targets.append(Target("floor", base, "/livez", processes=[process, ctx.redis]))
+    if "cached" in wanted:
+        cached = Target("cached", base, path, ctx.api_key, "HIT", [process, ctx.redis])
+        x_cache(cached)  # the warm-up GET fills the cache
+        targets.append(cached)
+
+    if "uncached" in wanted:
+        port = free_port()
+        env = catalog_env(ctx, port, 0, "uncached")
+        base = f"http://127.0.0.1:{port}"
+        cmd = [str(gunicorn), *gunicorn_args(port)]
+        process = ctx.stack.enter_context(running("catalog-uncached", cmd, env, ROOT, ctx.tmp))
+        wait_http(process, base + "/livez")
+        uncached = Target("uncached", base, path, ctx.api_key, "not HIT", [process, ctx.redis])
+        x_cache(uncached)
+        targets.append(uncached)
+    return targets
+
+
+def start_obvious(ctx: Context) -> list[Target]:
+    port = free_port()
+    env = base_env(port, ctx.tmp / "metrics-obvious")
+    env.update(
+        CATALOG_DATABASE_URL=f"sqlite:///{ctx.tmp / 'obvious.db'}",
+        CATALOG_API_KEYS_DIR=str(ctx.tmp / "api-keys"),
+        CATALOG_REDIS_URL=f"redis://127.0.0.1:{ctx.redis_port}/1",
+        CATALOG_CACHE_TTL_SECONDS="60",
+        CATALOG_RATE_LIMIT="1000000/second",
+    )
+    init = subprocess.run(
+        [ctx.python, "obvious_app.py", "--init-db", ctx.product_id],
+        cwd=BENCH,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if init.returncode != 0:
+        raise BenchError(f"obvious: --init-db failed:\n{init.stderr[-2000:]}")
+    base = f"http://127.0.0.1:{port}"
+    cmd = [ctx.python, "-m", "gunicorn", *gunicorn_args(port), "obvious_app:app"]
+    process = ctx.stack.enter_context(running("obvious", cmd, env, BENCH, ctx.tmp))
+    wait_http(process, base + "/livez")
+    path = f"/api/v1/products/{ctx.product_id}"
+    target = Target("obvious", base, path, ctx.api_key, processes=[process, ctx.redis])
+    x_cache(target)  # the warm-up GET fills Flask-Caching's entry
+    return [target]
+
+
+def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
+    out = []
+    for numerator, denominator, target in RATIOS:
+        a = results.get(numerator)
+        b = results.get(denominator)
+        value = None
+        if a and b and a.requests_per_second and b.requests_per_second:
+            value = round(a.requests_per_second / b.requests_per_second, 3)
+        # The same ratio from server CPU time per request (workers + redis): throughput the servers would
+        # reach on equal CPU, much less sensitive to other load on a shared machine.
+        by_cpu = None
+        if a and b and a.cpu_us_per_request and b.cpu_us_per_request:
+            by_cpu = round(b.cpu_us_per_request / a.cpu_us_per_request, 3)
+        met = None if target is None or value is None else value >= target
+        out.append(
+            {
+                "ratio": f"{numerator}/{denominator}",
+                "value": value,
+                "by_cpu": by_cpu,
+                "target": target,
+                "met": met,
+            }
+        )
+    return out
+
+
+def table(results: list[Result], ratio_rows: list[dict[str, Any]], settings: Settings) -> str:
+    lines = [
+        f"gunicorn gthread, {settings.workers} workers x {settings.worker_threads} threads; wrk "
+        f"{settings.threads} threads, {settings.connections} connections, {settings.duration} s "
+        f"x {settings.repeat} (median shown; +{settings.warmup} s warm-up)",
+        "",
+        f"{'scenario':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11} {'requests':>10} "
+        f"{'X-Cache':>8}  note",
+    ]
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in results:
+        lines.append(
+            f"{r.name:<10} {number(r.requests_per_second, '.0f'):>10} {number(r.p50_ms, '.2f'):>9} "
+            f"{number(r.p99_ms, '.2f'):>9} {number(r.cpu_us_per_request, '.0f'):>11} {r.requests:>10} "
+            f"{r.x_cache or '':>8}  {r.error or ''}"
+        )
+    lines += ["", f"{'ratio':<17} {'req/s':>6} {'by CPU':>7}"]
+    for row in ratio_rows:
+        verdict = ""
+        if row["target"] is not None:
+            verdict = f"target >= {row['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+        value = number(row["value"], ".2f")
+        lines.append(f"{row['ratio']:<17} {value:>6} {number(row['by_cpu'], '.2f'):>7}  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario (10)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first (2; 0 = off)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="measured runs per scenario; the median is shown"
+    )
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--catalog-venv", type=Path, default=ROOT / ".venv", help="venv with catalog installed"
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the bare and obvious apps")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed or a run failed")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
+    args = parser.parse_args(argv)
+    wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    unknown = wanted - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    settings = Settings(args.duration, args.connections, args.threads, args.warmup, max(1, args.repeat))
+
+    tmp = Path(tempfile.mkdtemp(prefix="catalog-bench-"))
+    results: dict[str, Result] = {}
+    started = time.monotonic()
+    try:
+        (tmp / "api-keys").mkdir()
+        api_key = secrets.token_hex(16)  # 32 characters
+        (tmp / "api-keys" / "bench").write_text(api_key + "\n")
+        with contextlib.ExitStack() as stack:
+            redis_port, redis = stack.enter_context(redis_server(tmp))
+            ctx = Context(
+                tmp,
+                settings,
+                stack,
+                args.python,
+                args.catalog_venv.resolve(),
+                redis_port,
+                redis,
+                api_key,
+                "bench-1",
+            )
+            # Start every server first (idle servers cost nothing), then load them in rounds, one at a
+            # time: a change in the machine's load then hits every scenario alike.
+            targets: list[Target] = []
+            starters = (
+                ("bare", {"bare"}, lambda: start_bare(ctx)),
+                ("catalog", {"floor", "cached", "uncached"}, lambda: start_catalog(ctx, wanted)),
+                ("obvious", {"obvious"}, lambda: start_obvious(ctx)),
+            )
+            for label, names, start in starters:
+                if not wanted & names:
+                    continue
+                log(f"starting {label}")
+                try:
+                    targets.extend(start())
+                except BenchError as error:
+                    log(f"{label} failed: {error}")
+                    for name in sorted(wanted & names):
+                        results.setdefault(name, Result(name, error=str(error)))
+            targets.sort(key=lambda t: SCENARIOS.index(t.name))
+            for round_ in range(settings.repeat):
+                for target in targets:
+                    try:
+                        load(target, settings, warmup=round_ == 0)
+                    except BenchError as error:
+                        results[target.name] = Result(target.name, target.path, error=str(error))
+            for target in targets:
+                if target.name not in results:
+                    try:
+                        results[target.name] = summarize(target)
+                    except BenchError as error:
+                        results[target.name] = Result(target.name, target.path, error=str(error))
+    finally:
+        if args.keep:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    ordered = [results[name] for name in SCENARIOS if name in results]
+    ratio_rows = ratios(results)
+    elapsed = round(time.monotonic() - started, 1)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "settings": asdict(settings),
+                    "results": [asdict(r) for r in ordered],
+                    "ratios": ratio_rows,
+                    "elapsed_s": elapsed,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(table(ordered, ratio_rows, settings))
+        for r in ordered:
+            if r.error and r.requests_per_second is None:
+                print(f"\n{r.name} failed: {r.error}")
+        print(f"\n({elapsed} s)")
+    failed = any(r.error for r in ordered) or any(row["met"] is False for row in ratio_rows)
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

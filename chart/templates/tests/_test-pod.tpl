@@ -1,0 +1,118 @@
+{{/*
+A helm test pod running a Python check with the app image (no other image to pull).
+(dict "ctx" $ "check" "readyz" "weight" "1" "script" "...")
+*/}}
+{{- define "catalog.testPod" -}}
+{{- $ctx := .ctx -}}
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {{ include "catalog.fullname" $ctx }}-test-{{ .check }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "catalog.labelsFor" (dict "ctx" $ctx "name" (printf "%s-test" (include "catalog.name" $ctx)) "component" "test") | nindent 4 }}
+  annotations:
+    helm.sh/hook: test
+    helm.sh/hook-weight: {{ .weight | quote }}
+    helm.sh/hook-delete-policy: before-hook-creation
+spec:
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  serviceAccountName: {{ include "catalog.serviceAccountName" $ctx }}
+  {{- with $ctx.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: {{ .check }}
+      image: {{ include "catalog.image" $ctx }}
+      imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+      env:
+        - name: CATALOG_URL
+          value: {{ printf "http://%s:%v" (include "catalog.fullname" $ctx) $ctx.Values.service.port | quote }}
+        - name: CATALOG_API_KEY_HEADER
+          value: {{ $ctx.Values.config.apiKeyHeader | quote }}
+        - name: CATALOG_SHARED_CACHE
+          value: {{ ternary "true" "false" (eq (include "catalog.redis.inUse" $ctx) "true") | quote }}
+        - name: PYTHONDONTWRITEBYTECODE
+          value: "1"
+      command:
+        - python3
+        - -c
+        - |
+          {{- include "catalog.testCommon" . | nindent 10 }}
+          {{- .script | nindent 10 }}
+      securityContext:
+        {{- toYaml $ctx.Values.securityContext | nindent 8 }}
+      resources:
+        {{- toYaml $ctx.Values.tests.resources | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- if .apiKeys }}
+        - name: api-keys
+          mountPath: /var/run/secrets/catalog/api-keys
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: 16Mi
+    {{- if .apiKeys }}
+    - name: api-keys
+      secret:
+        secretName: {{ include "catalog.apiKeys.secretName" $ctx }}
+        defaultMode: 0440
+    {{- end }}
+{{- end -}}
+
+{{- define "catalog.testCommon" -}}
+import json, os, pathlib, sys, time, urllib.error, urllib.request
+
+BASE = os.environ["CATALOG_URL"]
+HEADER = os.environ["CATALOG_API_KEY_HEADER"]
+
+
+def api_key():
+    # The first usable plain key of the mounted Secret (sha256-only entries cannot be sent).
+    root = pathlib.Path("/var/run/secrets/catalog/api-keys")
+    for f in sorted(root.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        value = f.read_text().strip()
+        if value.startswith("{"):
+            try:
+                doc = json.loads(value)
+            except ValueError:
+                continue
+            if "read" not in doc.get("scopes", ["read"]):
+                continue
+            value = doc.get("key") or ""
+        if len(value) >= 16 and not value.startswith("sha256:"):
+            return f.name, value
+    sys.exit("FAIL: no plain API key with the read scope in the Secret")
+
+
+def call(method, path, key=None, body=None, attempts=30):
+    headers = {"Accept": "application/json"}
+    if key:
+        headers[HEADER] = key
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    for attempt in range(attempts):
+        req = urllib.request.Request(BASE + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+        except OSError as err:
+            print(f"{method} {path}: {err}; retrying", flush=True)
+            time.sleep(2)
+    sys.exit(f"FAIL: {method} {path} unreachable")
+{{- end -}}
