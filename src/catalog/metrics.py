@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
+from flask.typing import TeardownCallable
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -15,14 +19,30 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 
 from catalog.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Request latencies of this service are 1-100 ms; the buckets resolve that range and flag the tail.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNTRACKED_PATHS = [r"^/livez$", r"^/healthz$", r"^/readyz$", r"^/metrics$"]
+# Any token is a valid HTTP method: the request metrics name the standard ones and count every other
+# as `_OTHER` (OpenTelemetry's convention), so clients cannot mint label values with made-up methods.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+OTHER_METHOD = "_OTHER"
+
+# Bumped by the gunicorn master before and after it folds a dead worker's files into the archives (odd
+# while folding). A scrape whose read overlapped a fold reads again, so it counts every worker exactly
+# once: from its own files or from the archive. The master never waits for scrapes.
+FOLD_SEQUENCE_FILE = ".fold.seq"
+# A scrape keeps trying this long for a read no fold overlapped, then fails rather than show wrong sums.
+CONSISTENT_READ_SECONDS = 5.0
 
 APP_INFO = Gauge(
-    "catalog_app_info", "The running version of catalog (value 1)", ["version", "commit"], multiprocess_mode="max"
+    "catalog_app_info",
+    "The running version of catalog (value 1)",
+    ["version", "commit"],
+    multiprocess_mode="max",
 )
 CACHE_REQUESTS = Counter("catalog_cache_requests_total", "Cache lookups by result", ["result"])
 CACHE_CIRCUIT_OPEN = Gauge(
@@ -36,30 +56,83 @@ DB_QUERIES = Counter("catalog_db_queries_total", "Database statements by operati
 RATE_LIMITED = Counter("catalog_rate_limited_total", "Requests answered 429 by client", ["client"])
 
 
-class WorkerFilesCollector(multiprocess.MultiProcessCollector):  # type: ignore[misc]
-    """Merges the workers' metric files; a file folded away mid-read (a worker restart) is read again."""
+def read_fold_sequence(directory: str) -> int:
+    """How many times a fold started or ended in `directory` (odd: one is running)."""
+    try:
+        with open(os.path.join(directory, FOLD_SEQUENCE_FILE)) as sequence_file:
+            return int(sequence_file.read())
+    except FileNotFoundError:
+        return 0
+
+
+def write_fold_sequence(directory: str, sequence: int) -> None:
+    """Replace the sequence atomically (readers never see a half-written number)."""
+    path = os.path.join(directory, FOLD_SEQUENCE_FILE)
+    with open(f"{path}.tmp", "w") as sequence_file:
+        sequence_file.write(str(sequence))
+    os.replace(f"{path}.tmp", path)
+
+
+class InconsistentRead(RuntimeError):
+    """Folds kept overlapping the reads of a scrape."""
+
+
+class WorkerFilesCollector(multiprocess.MultiProcessCollector):
+    """Merges the workers' metric files; a read that a fold overlapped (the sequence moved, or a file was
+    folded away mid-read) is done again."""
+
+    def __init__(self, registry: CollectorRegistry, directory: str) -> None:
+        super().__init__(registry, path=directory)  # type: ignore[no-untyped-call]
+        self.directory = directory
 
     def collect(self) -> Iterator[Metric]:
-        for _attempt in range(3):
+        deadline = time.monotonic() + CONSISTENT_READ_SECONDS
+        while time.monotonic() < deadline:
+            sequence = read_fold_sequence(self.directory)
+            if sequence % 2:
+                time.sleep(0.002)
+                continue
             try:
-                return iter(list(super().collect()))
+                metrics = list(super().collect())  # type: ignore[no-untyped-call]
             except FileNotFoundError:
                 continue
-        return iter(list(super().collect()))
+            if read_fold_sequence(self.directory) == sequence:
+                return iter(metrics)
+        raise InconsistentRead(f"metric files kept changing for {CONSISTENT_READ_SECONDS} s")
 
 
 def serve_metrics() -> Response:
     """The Prometheus text (or OpenMetrics, if asked) of all workers merged."""
     registry = CollectorRegistry()
-    WorkerFilesCollector(registry)
-    encoder, content_type = choose_encoder(request.headers.get("Accept"))
+    WorkerFilesCollector(registry, os.environ[MULTIPROC_ENV])
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encoder(registry), content_type=content_type)
 
 
 def check_multiprocess_dir() -> None:
     """The workers' metric files need a directory that exists (the start command empties it)."""
-    if not os.path.isdir(os.environ.get(MULTIPROC_ENV, "")):
+    directory = os.environ.get(MULTIPROC_ENV, "")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(MULTIPROC_ENV, "must name an existing, writable directory")
+
+
+Passed = TypeVar("Passed")
+
+
+def label_method(passed: Passed) -> Passed:
+    """Just before the exporter records a request: a non-standard method reads as `_OTHER`."""
+    if request.method not in STANDARD_METHODS:
+        g.metrics_real_method = request.method
+        request.method = OTHER_METHOD
+    return passed
+
+
+def restore_method(passed: Passed) -> Passed:
+    """Just after the exporter recorded a request: the real method again, for the hooks still to come."""
+    real_method = g.pop("metrics_real_method", None)
+    if real_method is not None:
+        request.method = real_method
+    return passed
 
 
 def init_app(app: Flask) -> None:
@@ -68,38 +141,102 @@ def init_app(app: Flask) -> None:
     exporter = GunicornInternalPrometheusMetrics.for_app_factory(
         path=None, group_by="url_rule", buckets=REQUEST_BUCKETS, excluded_paths=UNTRACKED_PATHS
     )
+    # Flask runs these hooks in reverse order of registration: the two pairs bracket the exporter's.
+    app.after_request(restore_method)
+    app.teardown_request(cast("TeardownCallable", restore_method))
     exporter.init_app(app)
+    app.after_request(label_method)
+    app.teardown_request(cast("TeardownCallable", label_method))
     app.add_url_rule("/metrics", "metrics", serve_metrics)
     settings = app.config["SETTINGS"]
     APP_INFO.labels(version=settings.version, commit=settings.commit).set(1)
 
 
-# How a dead worker's gauge values combine with the archive's, by multiprocess mode.
-GAUGE_FOLDS = {"max": max, "min": min, "sum": lambda a, b: a + b}
+Sample = tuple[float, float]  # (value, timestamp) as the metric files hold them
+
+
+def _add(archived: Sample, dead: Sample) -> Sample:
+    """Counts add up."""
+    return archived[0] + dead[0], dead[1]
+
+
+def _larger(archived: Sample, dead: Sample) -> Sample:
+    """A max gauge keeps the larger value."""
+    return dead if dead[0] > archived[0] else archived
+
+
+def _smaller(archived: Sample, dead: Sample) -> Sample:
+    """A min gauge keeps the smaller value."""
+    return dead if dead[0] < archived[0] else archived
+
+
+def _newer(archived: Sample, dead: Sample) -> Sample:
+    """A mostrecent gauge keeps the value set last."""
+    return dead if dead[1] >= archived[1] else archived
+
+
+# How a dead worker's samples combine with the archive's, by file kind. Histogram files hold each bucket's
+# own count (the collector accumulates them), so buckets add like counters. Live gauges are dropped
+# (mark_process_dead), and so are `all` gauges (a series per pid would keep every dead pid).
+FOLDS: dict[str, Callable[[Sample, Sample], Sample]] = {
+    "counter": _add,
+    "histogram": _add,
+    "summary": _add,
+    "gauge_sum": _add,
+    "gauge_max": _larger,
+    "gauge_min": _smaller,
+    "gauge_mostrecent": _newer,
+}
+
+
+def read_samples(path: str) -> dict[str, Sample]:
+    """Every sample of a metric file by its key."""
+    samples = MmapedDict.read_all_values_from_file(path)  # type: ignore[no-untyped-call]
+    return {key: (value, timestamp) for key, value, timestamp, _position in samples}
+
+
+def write_samples(path: str, samples: dict[str, Sample]) -> None:
+    """A new metric file holding `samples`."""
+    if os.path.exists(path):
+        os.remove(path)
+    mapped: Any = MmapedDict(path)  # type: ignore[no-untyped-call]
+    try:
+        for key, (value, timestamp) in samples.items():
+            mapped.write_value(key, value, timestamp)
+    finally:
+        mapped.close()
+
+
+def fold_into_archive(path: str, archive: str, fold: Callable[[Sample, Sample], Sample]) -> None:
+    """Write archive + dead file to a new file and rename it over the archive (never half-written)."""
+    merged = read_samples(archive) if os.path.exists(archive) else {}
+    for key, sample in read_samples(path).items():
+        merged[key] = fold(merged[key], sample) if key in merged else sample
+    # Not *.db: the collector never reads it.
+    temporary = os.path.join(os.path.dirname(archive), f".{os.path.basename(archive)}.tmp")
+    write_samples(temporary, merged)
+    os.replace(temporary, archive)
 
 
 def fold_dead_worker(pid: int, directory: str | None = None) -> None:
     """gunicorn child_exit: add a dead worker's counters and histograms to one archive file per type,
-    combine its max/min/sum gauges likewise, and drop its live gauges; restarts then lose no counts and
-    the number of files stays bounded."""
-    directory = directory or os.environ[MULTIPROC_ENV]
-    multiprocess.mark_process_dead(pid, directory)
-    for path in glob.glob(os.path.join(directory, f"*_{pid}.db")):
-        kind = os.path.basename(path)[: -len(f"_{pid}.db")]
-        mode = kind.removeprefix("gauge_") if kind.startswith("gauge_") else None
-        if mode is not None and mode not in GAUGE_FOLDS:
-            os.remove(path)
-            continue
-        archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+    combine its max/min/sum/mostrecent gauges likewise, and drop its other gauges; restarts then lose no
+    counts and the number of files stays bounded. Only one process (the master) may fold in a directory.
+    Never raises: an exception here would stop the master."""
+    try:
+        directory = directory or os.environ[MULTIPROC_ENV]
+        running = read_fold_sequence(directory) // 2 * 2 + 1
+        write_fold_sequence(directory, running)
         try:
-            for key, value, timestamp, _position in MmapedDict.read_all_values_from_file(path):
-                if mode is None:
-                    archived, _ = archive.read_value(key)
-                    archive.write_value(key, archived + value, timestamp)
-                else:
-                    known = key in archive._positions
-                    archived, _ = archive.read_value(key)
-                    archive.write_value(key, GAUGE_FOLDS[mode](archived, value) if known else value, timestamp)
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            for path in sorted(glob.glob(os.path.join(directory, f"*_{pid}.db"))):
+                kind = os.path.basename(path)[: -len(f"_{pid}.db")]
+                fold = FOLDS.get(kind)
+                if fold is not None:
+                    fold_into_archive(path, os.path.join(directory, f"{kind}_archive.db"), fold)
+                os.remove(path)
         finally:
-            archive.close()
-        os.remove(path)
+            write_fold_sequence(directory, running + 1)
+    except Exception:
+        # What was not folded stays in the dead worker's files: still counted, once.
+        log.exception("folding the metric files of a dead worker failed", extra={"pid": pid})
