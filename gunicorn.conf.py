@@ -5,13 +5,12 @@ import os
 import sys
 import tempfile
 
-from catalog import logs, metrics
-from catalog.cache import BOARD_ENV
-from catalog.config import ConfigError, Settings
+from catalog import logs
+from catalog.config import ConfigError, Settings, check_metrics_dir
 
 try:
     settings = Settings.from_env()
-    metrics.check_multiprocess_dir()
+    check_metrics_dir()
 except ConfigError as error:
     logs.configure("INFO")
     logging.getLogger("catalog.config").critical(
@@ -19,17 +18,21 @@ except ConfigError as error:
     )
     sys.exit(2)
 
+from catalog import metrics
+from catalog.cache import BOARD_ENV
+
 wsgi_app = "catalog:create_app()"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
-worker_class = "gthread"
+# gthread, answering its own protocol-level errors as problem bodies too.
+worker_class = "catalog.gunicorn_worker.ProblemThreadWorker"
 threads = settings.threads
 # In-flight requests get this long to finish after SIGTERM; the chart's grace period is longer.
 graceful_timeout = 30
 timeout = 30
 keepalive = 5
 # The worker heartbeat is a file touched every second: keep it in memory, not on a disk or overlay.
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 - tmpfs, not a shared temp dir
 control_socket_disable = True
 accesslog = None
 logconfig_dict = logs.gunicorn_logconfig(settings.log_level)

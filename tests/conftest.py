@@ -7,29 +7,29 @@ import tempfile
 # prometheus_client picks multiprocess mode when it is imported: set the directory before catalog is.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="catalog-test-metrics-"))
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator, Mapping  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-import psycopg  # noqa: E402
-import pytest  # noqa: E402
-import redis  # noqa: E402
-import requests  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+import psycopg
+import pytest
+import redis
+import requests
+from sqlalchemy import create_engine, text
+from tests.tools import IN_CI, require_tool
 
-from catalog import create_app  # noqa: E402
-from catalog.cli import upgrade  # noqa: E402
-from catalog.config import Settings  # noqa: E402
-from tests.tools import IN_CI, require_tool  # noqa: E402
+from catalog import create_app
+from catalog.cli import upgrade
+from catalog.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER_KEY = "writer-key-0123456789abcdef"
@@ -178,9 +178,13 @@ def settings(database_url: str, keys_dir: SecretDir) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings) -> Any:
-    """The app, as gunicorn would build it."""
-    return create_app(settings)
+def app(settings: Settings) -> Iterator[Any]:
+    """The app, as gunicorn would build it; its connections are closed afterwards."""
+    application = create_app(settings)
+    yield application
+    application.extensions["catalog.db"].engine.dispose()
+    if application.extensions["catalog.redis"] is not None:
+        application.extensions["catalog.redis"].client.close()
 
 
 @pytest.fixture
@@ -211,8 +215,20 @@ class RedisServer:
 
     def start(self) -> None:
         """Start (again) on the same port, empty."""
-        arguments = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                     "no", "--dir", str(self.directory), *self.extra]
+        arguments = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            *self.extra,
+        ]
         if self.password:
             arguments += ["--requirepass", self.password]
         self.process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -286,19 +302,25 @@ class Gunicorn:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        """Until /livez answers in every worker's place."""
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every worker has built its app and /livez answers."""
+        workers = int(self.env.get("WEB_CONCURRENCY", "2"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if requests.get(f"{self.url}/livez", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
+            if self.output().count('"message": "catalog app ready"') >= workers:
+                try:
+                    if requests.get(f"{self.url}/livez", timeout=5).status_code == 200:
+                        return
+                except requests.RequestException:
+                    pass
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not become ready:\n{self.output()}")
 
@@ -310,7 +332,7 @@ class Gunicorn:
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The output parsed as JSON lines (fails the test on a line that is not JSON)."""
-        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.output().split("\n") if line.strip()]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         """Signal gunicorn and wait for its exit code."""

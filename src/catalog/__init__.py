@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from flask_openapi3 import Info, OpenAPI
+import logging
+import os
+from typing import TYPE_CHECKING
 
-from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products
-from catalog.api.schemas import ProblemDetail
-from catalog.config import Settings
+if TYPE_CHECKING:
+    from flask_openapi3.openapi import OpenAPI
+
+    from catalog.config import Settings
 
 MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:
     """Build the app: logs and errors first, then what a request meets: auth, limits, routes, service."""
+    # Imported here so that `catalog.config` and `catalog.logs` load without the metrics modules, which
+    # need PROMETHEUS_MULTIPROC_DIR to exist (gunicorn.conf.py checks it first).
+    from flask_openapi3.models.info import Info
+    from flask_openapi3.openapi import OpenAPI
+
+    from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products
+    from catalog.api.schemas import ProblemDetail
+    from catalog.config import Settings
+
     settings = settings or Settings.from_env()
     app = OpenAPI(
         __name__,
@@ -39,4 +51,6 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     products.init_app(app)
     api.init_app(app)
     health.init_app(app)
+    log = logging.getLogger(__name__)
+    log.info("catalog app ready", extra={"pid": os.getpid(), "version": settings.version})
     return app

@@ -11,24 +11,23 @@ import sys
 from collections.abc import Sequence
 from importlib.resources import files
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import func, select, text
-
 from catalog import logs
 from catalog.config import ConfigError, Settings
-from catalog.db import Database, make_engine, products
-from catalog.products import ProductService
-from catalog.cache import NoCache
 
 log = logging.getLogger("catalog.cli")
 
-# Any constant shared by every replica: whoever holds it migrates, the others wait and then find nothing to do.
+# Shared by every replica: whoever holds it migrates; the others wait, then find nothing to do.
 MIGRATION_LOCK_ID = 0x63617461  # "cata"
 
 
 def upgrade(settings: Settings) -> None:
     """Migrate to the newest schema; on PostgreSQL under an advisory lock, so replicas can all run it."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from catalog.db import make_engine
+
     engine = make_engine(settings)
     config = Config()
     config.set_main_option("script_location", "catalog:migrations")
@@ -51,6 +50,12 @@ def upgrade(settings: Settings) -> None:
 
 def seed(settings: Settings) -> None:
     """Load the demo products into an empty catalog (a catalog with products is left as it is)."""
+    from sqlalchemy import func, select
+
+    from catalog.cache import NoCache
+    from catalog.db import Database, make_engine, products
+    from catalog.products import ProductService
+
     engine = make_engine(settings)
     with engine.connect() as connection:
         existing = connection.execute(select(func.count()).select_from(products)).scalar_one()
@@ -72,7 +77,9 @@ def dev_keys(settings: Settings) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, "dev")
     if not os.path.exists(path):
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as key_file:
+        with open(
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+        ) as key_file:
             key_file.write(secrets.token_urlsafe(32) + "\n")
     print(f"API key of the client 'dev': {os.path.abspath(path)}", file=sys.stderr)
     print(
@@ -92,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     database_commands.add_parser("seed", help="load demo products into an empty catalog")
     commands.add_parser("dev-keys", help="make a local API key for `make run` and print a curl line")
     arguments = parser.parse_args(argv)
+    # One-off commands must not write into the server's metric files (the init container shares them).
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
@@ -106,3 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         seed(settings)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from urllib.parse import urlsplit
 
@@ -43,7 +43,7 @@ class Settings:
     auth_failure_limit: str = "30/minute"
     trusted_proxy_hops: int = 0
     log_level: str = "INFO"
-    version: str = "0.0.0"
+    version: str = field(default_factory=lambda: _package_version())
     commit: str = "unknown"
 
     @classmethod
@@ -70,7 +70,9 @@ class Settings:
         )
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+def _integer(
+    env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None
+) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -133,7 +135,9 @@ def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
         if not parse_many(raw):
             raise ValueError(raw)
     except ValueError:
-        raise ConfigError(name, "must be a rate limit such as '100/second' ('; ' separates several)") from None
+        raise ConfigError(
+            name, "must be a rate limit such as '100/second' ('; ' separates several)"
+        ) from None
     return raw
 
 
@@ -151,6 +155,13 @@ def _package_version() -> str:
         return "0.0.0"
 
 
+def check_metrics_dir(env: Mapping[str, str] | None = None) -> None:
+    """The workers' metric files need PROMETHEUS_MULTIPROC_DIR to name an existing directory."""
+    env = os.environ if env is None else env
+    if not os.path.isdir(env.get("PROMETHEUS_MULTIPROC_DIR", "")):
+        raise ConfigError("PROMETHEUS_MULTIPROC_DIR", "must name an existing, writable directory")
+
+
 def database_url_with_password(settings: Settings) -> URL:
     """The SQLAlchemy URL with the psycopg 3 driver and the password from its file, if one is set."""
     url = make_url(settings.database_url)
@@ -165,4 +176,3 @@ def read_secret_file(path: str) -> str:
     """A mounted Secret's value, surrounding whitespace trimmed."""
     with open(path, encoding="utf-8") as secret:
         return secret.read().strip()
-

@@ -89,7 +89,7 @@ def utcnow() -> dt.datetime:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """An engine for the configured database: SQLite with WAL and a busy timeout, or PostgreSQL via psycopg 3."""
+    """An engine: SQLite with WAL and a busy timeout, or PostgreSQL through psycopg 3."""
     url = database_url_with_password(settings)
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5})
@@ -209,7 +209,9 @@ class Database:
 
     def store_idempotent(self, connection: Connection, record: Mapping[str, Any]) -> None:
         """Record the answer given for an Idempotency-Key and drop records past their window."""
-        connection.execute(delete(idempotency_keys).where(idempotency_keys.c.created_at <= utcnow() - IDEMPOTENCY_WINDOW))
+        connection.execute(
+            delete(idempotency_keys).where(idempotency_keys.c.created_at <= utcnow() - IDEMPOTENCY_WINDOW)
+        )
         connection.execute(insert(idempotency_keys).values(**record))
         DB_QUERIES.labels(operation="store_idempotency_key").inc()
 

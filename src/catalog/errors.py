@@ -80,7 +80,7 @@ def _handle_problem(problem: Problem) -> Response:
 
 
 def _handle_http_exception(error: HTTPException) -> Response | HTTPException:
-    if error.response is not None:
+    if isinstance(error.response, Response):
         return error.response
     if error.code is None or error.code < 400:
         return error

@@ -11,7 +11,9 @@ log = logging.getLogger(__name__)
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, mimetype="application/json", headers={"Cache-Control": "no-store"})
+    return Response(
+        json.dumps(body), status=status, mimetype="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 def livez() -> Response:
@@ -25,7 +27,7 @@ def readyz() -> Response:
     try:
         current_app.extensions["catalog.db"].ping()
         checks["database"] = "ok"
-    except Exception as error:  # noqa: BLE001 - any failure means not ready; it is logged, not raised
+    except Exception as error:
         log.warning("readiness: database check failed", extra={"error_type": type(error).__name__})
         checks["database"] = "failing"
     keys = current_app.extensions["catalog.keys"]

@@ -105,14 +105,13 @@ def public(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def encode_entry(row: Mapping[str, Any]) -> bytes:
-    """A cache entry: the version (for ETags without a database read), a newline, the JSON body."""
-    return f"{row['version']}\n".encode() + dumps(public(row)).encode()
+    """A cache entry: the product's JSON body, nothing else (a cache holds JSON, never pickle)."""
+    return dumps(public(row)).encode()
 
 
 def decode_entry(entry: bytes) -> tuple[int, bytes]:
-    """(version, JSON body) of a cache entry."""
-    version, _, body = entry.partition(b"\n")
-    return int(version), body
+    """(version, JSON body) of a cache entry; the version gives the ETag without a database read."""
+    return int(json.loads(entry)["version"]), entry
 
 
 def request_fingerprint(body: Any) -> str:
@@ -203,7 +202,9 @@ class ProductService:
         self.cache.invalidate(row["id"])
         return Created(201, body, location, replayed=False)
 
-    def replace(self, product_id: str, fields: Fields, precondition: Precondition | None) -> tuple[int, bytes]:
+    def replace(
+        self, product_id: str, fields: Fields, precondition: Precondition | None
+    ) -> tuple[int, bytes]:
         """Replace every field; (new version, JSON body)."""
         return self._write(product_id, lambda _current: fields, precondition)
 
@@ -216,7 +217,11 @@ class ProductService:
     def delete(self, product_id: str, precondition: Precondition | None) -> None:
         """Delete a product; ProductNotFound if absent, PreconditionFailed on a stale If-Match."""
         with self.db.transaction() as connection:
-            current = self.db.get_product_for_update(connection, product_id) if ID_PATTERN.match(product_id) else None
+            current = (
+                self.db.get_product_for_update(connection, product_id)
+                if ID_PATTERN.match(product_id)
+                else None
+            )
             if current is None:
                 raise ProductNotFound(f"No product has the id {product_id!r}.")
             if precondition and not precondition(current["version"]):
@@ -237,7 +242,9 @@ class ProductService:
                     if current is None:
                         raise ProductNotFound(f"No product has the id {product_id!r}.")
                     if precondition and not precondition(current["version"]):
-                        raise PreconditionFailed("The product has changed since the version named in If-Match.")
+                        raise PreconditionFailed(
+                            "The product has changed since the version named in If-Match."
+                        )
                     fields = change(editable(current))
                     now = utcnow()
                     values = {
@@ -285,4 +292,6 @@ def service() -> ProductService:
 
 def init_app(app: Flask) -> None:
     """Wire the service to this app's database and cache."""
-    app.extensions["catalog.products"] = ProductService(app.extensions["catalog.db"], app.extensions["catalog.cache"])
+    app.extensions["catalog.products"] = ProductService(
+        app.extensions["catalog.db"], app.extensions["catalog.cache"]
+    )

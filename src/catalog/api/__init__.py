@@ -6,7 +6,8 @@ import copy
 import html
 from typing import Any
 
-from flask import Flask, Response, current_app, json
+from flask import Response, current_app, json
+from flask_openapi3.openapi import OpenAPI
 from pydantic import ValidationError
 
 from catalog.api.products import api
@@ -33,15 +34,23 @@ def security_schemes(header: str) -> dict[str, Any]:
 
 
 def _parameter(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
 
 
-def openapi_document(app: Flask) -> dict[str, Any]:
+def openapi_document(app: OpenAPI) -> dict[str, Any]:
     """flask-openapi3's document, finished: problem+json errors, headers, the merge-patch body, security."""
-    spec = copy.deepcopy(app.api_doc)
+    spec: dict[str, Any] = copy.deepcopy(app.api_doc)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("ValidationErrorModel", None)
-    schemas[ProductPatch.__name__] = ProductPatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas[ProductPatch.__name__] = ProductPatch.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
     problem_ref = {"$ref": "#/components/schemas/ProblemDetail"}
     for path, item in spec["paths"].items():
         for method, operation in item.items():
@@ -66,17 +75,24 @@ def openapi_document(app: Flask) -> dict[str, Any]:
                 if code == 201:
                     headers["Location"] = {"description": "URL of the new product", **HEADER_TEXT}
                 if code == 201 or (code in (200, 304) and "{product_id}" in path):
-                    headers["ETag"] = {"description": "Strong ETag: the product version in quotes", **HEADER_TEXT}
+                    headers["ETag"] = {
+                        "description": "Strong ETag: the product version in quotes",
+                        **HEADER_TEXT,
+                    }
                 if method == "get" and code in (200, 304):
                     headers["X-Cache"] = {"schema": {"type": "string", "enum": ["HIT", "MISS", "BYPASS"]}}
             parameters = operation.setdefault("parameters", [])
             if method == "get" and "{product_id}" in path:
                 responses["304"] = {"description": "Not modified: If-None-Match holds the current ETag"}
-                parameters.append(_parameter("If-None-Match", "Answer 304 if the product still has this ETag"))
+                parameters.append(
+                    _parameter("If-None-Match", "Answer 304 if the product still has this ETag")
+                )
             if method in ("put", "patch", "delete"):
                 parameters.append(_parameter("If-Match", "Answer 412 unless the product still has this ETag"))
             if method == "post":
-                parameters.append(_parameter("Idempotency-Key", "Repeat-safe create: 1-255 visible ASCII characters"))
+                parameters.append(
+                    _parameter("Idempotency-Key", "Repeat-safe create: 1-255 visible ASCII characters")
+                )
             if method == "patch":
                 operation["requestBody"] = {
                     "required": True,
@@ -114,8 +130,9 @@ def _docs() -> Response:
     info = spec["info"]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(info["title"])} API</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}td,th{{padding:.4rem;
-border-bottom:1px solid #ddd;text-align:left;vertical-align:top}}table{{border-collapse:collapse}}</style></head>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}
+td,th{{padding:.4rem;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}}
+table{{border-collapse:collapse}}</style></head>
 <body><h1>{html.escape(info["title"])} {html.escape(info["version"])}</h1>
 <p>{html.escape(info.get("description", ""))}</p>
 <p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI {html.escape(spec["openapi"])}).
@@ -126,8 +143,8 @@ Send the API key in <code>{html.escape(current_app.config["SETTINGS"].api_key_he
     return Response(page, mimetype="text/html")
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: OpenAPI) -> None:
     """Register the API routes, /openapi.json and /docs."""
-    app.register_api(api)  # type: ignore[attr-defined]
+    app.register_api(api)
     app.add_url_rule("/openapi.json", "openapi", _openapi_json)
     app.add_url_rule("/docs", "docs", _docs)

@@ -6,24 +6,37 @@ import re
 from typing import Any
 
 from flask import Response, g, request
-from flask_openapi3 import APIBlueprint, Tag
+from flask_openapi3.blueprint import APIBlueprint
+from flask_openapi3.models.tag import Tag
 from pydantic import ValidationError
 
-from catalog.api.schemas import ProblemDetail, Product, ProductIn, ProductListQuery, ProductPage, ProductPatch
-from catalog.api.schemas import ProductPath, merge_patch
+from catalog.api.schemas import (
+    ProblemDetail,
+    Product,
+    ProductIn,
+    ProductListQuery,
+    ProductPage,
+    ProductPatch,
+    ProductPath,
+    merge_patch,
+)
 from catalog.errors import Problem, validation_problem
 from catalog.products import Precondition, request_fingerprint, service
 
-JSON_TYPES = {"POST": ("application/json",), "PUT": ("application/json",)}
-JSON_TYPES["PATCH"] = ("application/merge-patch+json", "application/json")
+JSON_TYPES: dict[str, tuple[str, ...]] = {
+    "POST": ("application/json",),
+    "PUT": ("application/json",),
+    "PATCH": ("application/merge-patch+json", "application/json"),
+}
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 products_tag = Tag(name="products", description="The product catalog")
 api = APIBlueprint("products", __name__, url_prefix="/api/v1", abp_tags=[products_tag])
 
-PROBLEMS: dict[int, Any] = {status: ProblemDetail for status in (400, 401, 403, 413, 415, 429)}
-READ_RESPONSES: dict[int, Any] = {**PROBLEMS, 404: ProblemDetail}
-WRITE_RESPONSES: dict[int, Any] = {**READ_RESPONSES, 409: ProblemDetail, 412: ProblemDetail}
+Responses = dict[str | int, Any]
+PROBLEMS: Responses = {status: ProblemDetail for status in (400, 401, 403, 413, 415, 429)}
+READ_RESPONSES: Responses = {**PROBLEMS, 404: ProblemDetail}
+WRITE_RESPONSES: Responses = {**READ_RESPONSES, 409: ProblemDetail, 412: ProblemDetail}
 
 
 class UnsupportedMediaType(Problem):
@@ -57,10 +70,8 @@ def read_json_body() -> None:
         raise MalformedJson("The request body is not valid JSON.")
 
 
-def _json(body: bytes, status: int = 200, **headers: str) -> Response:
-    response = Response(body, status=status, mimetype="application/json")
-    response.headers.update(headers)
-    return response
+def _json(body: bytes, headers: dict[str, str], status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
 def _if_match() -> Precondition | None:
@@ -71,11 +82,13 @@ def _if_match() -> Precondition | None:
     return lambda version: if_match.is_strong(str(version)) or if_match.star_tag
 
 
-@api.get("/products", summary="List products", responses={200: ProductPage, **READ_RESPONSES, 422: ProblemDetail})
+@api.get(
+    "/products", summary="List products", responses={200: ProductPage, **READ_RESPONSES, 422: ProblemDetail}
+)
 def list_products(query: ProductListQuery) -> Response:
     """Products in a stable order, `limit` per page, optionally only those with `tag`."""
     body, cache_status = service().list(query.limit, query.cursor, query.tag)
-    return _json(body, **{"X-Cache": cache_status})
+    return _json(body, {"X-Cache": cache_status})
 
 
 @api.get("/products/<product_id>", summary="Get a product", responses={200: Product, **READ_RESPONSES})
@@ -85,7 +98,7 @@ def get_product(path: ProductPath) -> Response:
     etag = f'"{version}"'
     if request.if_none_match.contains_weak(str(version)) or request.if_none_match.star_tag:
         return Response(status=304, headers={"ETag": etag, "X-Cache": cache_status})
-    return _json(body, ETag=etag, **{"X-Cache": cache_status})
+    return _json(body, {"ETag": etag, "X-Cache": cache_status})
 
 
 @api.post("/products", summary="Create a product", responses={201: Product, **WRITE_RESPONSES})
@@ -103,14 +116,14 @@ def create_product(body: ProductIn) -> Response:
     headers = {"Location": created.location or "", "ETag": '"1"'}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return _json(created.body, created.status, **headers)
+    return _json(created.body, headers, created.status)
 
 
 @api.put("/products/<product_id>", summary="Replace a product", responses={200: Product, **WRITE_RESPONSES})
 def replace_product(path: ProductPath, body: ProductIn) -> Response:
     """Replace every field; `If-Match` with a stale ETag answers 412."""
     version, data = service().replace(path.product_id, body.model_dump(), _if_match())
-    return _json(data, ETag=f'"{version}"')
+    return _json(data, {"ETag": f'"{version}"'})
 
 
 @api.patch("/products/<product_id>", summary="Patch a product", responses={200: Product, **WRITE_RESPONSES})
@@ -129,7 +142,7 @@ def patch_product(path: ProductPath) -> Response:
         version, data = service().patch(path.product_id, change, _if_match())
     except ValidationError as error:
         return validation_problem(error, "body")
-    return _json(data, ETag=f'"{version}"')
+    return _json(data, {"ETag": f'"{version}"'})
 
 
 @api.delete("/products/<product_id>", summary="Delete a product", responses={204: None, **WRITE_RESPONSES})

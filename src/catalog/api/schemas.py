@@ -105,7 +105,9 @@ class ProblemDetail(BaseModel):
     status: int
     detail: str
     request_id: str | None
-    errors: list[ValidationErrorItem] | None = Field(None, description="Only on 422: every rule the request broke")
+    errors: list[ValidationErrorItem] | None = Field(
+        None, description="Only on 422: every rule the request broke"
+    )
 
 
 # Where each request model is read from: the `loc` prefix of its validation errors.

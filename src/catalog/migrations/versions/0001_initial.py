@@ -31,7 +31,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "product_tags",
-        sa.Column("product_id", sa.String(26), sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "product_id", sa.String(26), sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("tag", sa.String(40), nullable=False),
         sa.PrimaryKeyConstraint("product_id", "tag"),
     )

@@ -1,0 +1,92 @@
+"""The `catalog` command: migrations safe to run from many replicas at once, and the demo seed."""
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+
+def run_cli(*arguments: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "CATALOG_DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "catalog.cli", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def empty_postgres_schema(postgresql_url: str) -> Iterator[str]:
+    """A schema with nothing in it yet, on the test PostgreSQL."""
+    base = postgresql_url.split("?")[0]
+    schema = f"catalog_cli_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{base}?options=-csearch_path%3D{schema}"
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+def test_replicas_migrating_at_once_all_succeed(empty_postgres_schema: str) -> None:
+    env = {"PATH": os.environ["PATH"], "CATALOG_DATABASE_URL": empty_postgres_schema}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "catalog.cli", "db", "upgrade"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0, 0], outputs
+    engine = create_engine(empty_postgres_schema.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert connection.execute(text("SELECT count(*) FROM products")).scalar_one() == 0
+    engine.dispose()
+
+
+def test_upgrade_is_idempotent_and_seed_fills_an_empty_catalog_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    for _ in range(2):
+        assert run_cli("db", "upgrade", database_url=url).returncode == 0
+    first = run_cli("db", "seed", database_url=url)
+    second = run_cli("db", "seed", database_url=url)
+    assert first.returncode == second.returncode == 0
+    assert '"count": 36' in first.stdout and "seed skipped" in second.stdout
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM products")).scalar_one() == 36
+        assert connection.execute(text("SELECT count(DISTINCT sku) FROM products")).scalar_one() == 36
+    engine.dispose()
+
+
+def test_the_cli_writes_no_metric_files(tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "CATALOG_DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    for command in (["db", "upgrade"], ["db", "seed"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "catalog.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert list(metrics_dir.iterdir()) == []

@@ -1,0 +1,151 @@
+"""Configuration from the environment: defaults, overrides, and a bad value stops start-up with one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+from tests.conftest import ROOT
+
+from catalog.config import ConfigError, Settings, database_url_with_password
+
+
+def test_defaults_are_the_contracts() -> None:
+    settings = Settings.from_env({})
+    assert (settings.port, settings.web_concurrency, settings.threads) == (8080, 2, 4)
+    assert settings.database_url == "sqlite:///var/catalog.db"
+    assert settings.redis_url is None and settings.cache_ttl_seconds == 60
+    assert settings.api_keys_dir == "/var/run/secrets/catalog/api-keys"
+    assert settings.api_key_header == "X-Api-Key"
+    assert (settings.rate_limit, settings.auth_failure_limit) == ("1000/second", "30/minute")
+    assert (settings.trusted_proxy_hops, settings.log_level) == (0, "INFO")
+
+
+def test_every_variable_overrides(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    settings = Settings.from_env(
+        {
+            "PORT": "9000",
+            "WEB_CONCURRENCY": "3",
+            "CATALOG_THREADS": "8",
+            "CATALOG_DATABASE_URL": "postgresql://catalog@db:5432/catalog",
+            "CATALOG_DATABASE_PASSWORD_FILE": str(password),
+            "CATALOG_REDIS_URL": "rediss://:pw@cache:6380/2",
+            "CATALOG_REDIS_PASSWORD_FILE": str(password),
+            "CATALOG_CACHE_TTL_SECONDS": "5",
+            "CATALOG_API_KEYS_DIR": "/keys",
+            "CATALOG_API_KEY_HEADER": "X-Catalog-Key",
+            "CATALOG_RATE_LIMIT": "10/second; 100/minute",
+            "CATALOG_AUTH_FAILURE_LIMIT": "5/minute",
+            "CATALOG_TRUSTED_PROXY_HOPS": "2",
+            "CATALOG_LOG_LEVEL": "debug",
+        }
+    )
+    assert (settings.port, settings.web_concurrency, settings.threads) == (9000, 3, 8)
+    assert settings.redis_url == "rediss://:pw@cache:6380/2" and settings.cache_ttl_seconds == 5
+    assert (settings.api_keys_dir, settings.api_key_header) == ("/keys", "X-Catalog-Key")
+    assert (settings.rate_limit, settings.auth_failure_limit) == ("10/second; 100/minute", "5/minute")
+    assert (settings.trusted_proxy_hops, settings.log_level) == (2, "DEBUG")
+    url = database_url_with_password(settings)
+    assert url.drivername == "postgresql+psycopg" and url.password == "s3cret"
+
+
+def test_the_password_file_overrides_the_urls_password(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("from-file")
+    settings = Settings(database_url="postgresql://u:from-url@db/x", database_password_file=str(password))
+    assert make_url(
+        str(database_url_with_password(settings).render_as_string(hide_password=False))
+    ).password == ("from-file")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("WEB_CONCURRENCY", "0"),
+        ("CATALOG_THREADS", "two"),
+        ("CATALOG_CACHE_TTL_SECONDS", "1.5"),
+        ("CATALOG_CACHE_TTL_SECONDS", "-1"),
+        ("CATALOG_DATABASE_URL", "not a url"),
+        ("CATALOG_DATABASE_URL", "mysql://db/x"),
+        ("CATALOG_DATABASE_URL", "postgresql:///nohost"),
+        ("CATALOG_REDIS_URL", "http://cache:6379"),
+        ("CATALOG_REDIS_URL", "redis://cache:port/0"),
+        ("CATALOG_REDIS_URL", "redis://cache:6379/zero"),
+        ("CATALOG_REDIS_PASSWORD_FILE", "/nonexistent/password"),
+        ("CATALOG_DATABASE_PASSWORD_FILE", "/nonexistent/password"),
+        ("CATALOG_API_KEY_HEADER", "X Api Key"),
+        ("CATALOG_RATE_LIMIT", "fast"),
+        ("CATALOG_AUTH_FAILURE_LIMIT", "30/fortnight"),
+        ("CATALOG_TRUSTED_PROXY_HOPS", "-1"),
+        ("CATALOG_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({variable: value})
+    assert raised.value.variable == variable
+
+
+def one_json_line_naming(output: str, variable: str) -> dict[str, object]:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    record = json.loads(lines[0])
+    assert record["variable"] == variable and record["level"] == "CRITICAL"
+    assert {"timestamp", "logger", "message"} <= record.keys()
+    return dict(record)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CATALOG_CACHE_TTL_SECONDS", "soon"),
+        ("CATALOG_DATABASE_URL", "nonsense"),
+        ("CATALOG_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_gunicorn_refuses_to_start_with_one_json_line(tmp_path: Path, variable: str, value: str) -> None:
+    env = {"PATH": os.environ["PATH"], "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), variable: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    one_json_line_naming(result.stdout + result.stderr, variable)
+
+
+def test_gunicorn_refuses_to_start_without_a_metrics_directory(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    one_json_line_naming(result.stdout + result.stderr, "PROMETHEUS_MULTIPROC_DIR")
+
+
+def test_the_cli_refuses_a_bad_value_with_one_json_line(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PORT": "eighty"}
+    result = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    one_json_line_naming(result.stdout + result.stderr, "PORT")

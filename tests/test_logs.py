@@ -1,0 +1,67 @@
+"""Logs: one JSON object per line on stdout from the app, gunicorn and the access log; request ids."""
+
+import time
+from typing import Any
+
+import pytest
+import requests
+from tests.conftest import SecretDir, auth
+
+
+@pytest.fixture
+def server(gunicorn: Any, sqlite_url: str, keys_dir: SecretDir) -> Any:
+    return gunicorn({"CATALOG_DATABASE_URL": sqlite_url, "CATALOG_API_KEYS_DIR": str(keys_dir.path)})
+
+
+def test_every_line_is_json_with_the_contract_fields(server: Any) -> None:
+    requests.get(f"{server.url}/api/v1/products", headers=auth(), timeout=10)
+    requests.get(f"{server.url}/api/v1/products", timeout=10)
+    server.stop()
+    lines = server.log_lines()
+    loggers = {line["logger"] for line in lines}
+    assert {"gunicorn.error", "catalog.access", "catalog.auth"} <= loggers
+    for line in lines:
+        assert {"timestamp", "level", "logger", "message"} <= line.keys()
+        assert line["timestamp"].endswith("Z") and "T" in line["timestamp"]
+
+
+def test_one_access_line_per_request_with_client_and_duration(server: Any) -> None:
+    ok = requests.get(f"{server.url}/api/v1/products?limit=1", headers=auth(), timeout=10)
+    denied = requests.get(f"{server.url}/api/v1/products", timeout=10)
+    server.stop()
+    access = {line["request_id"]: line for line in server.log_lines() if line["logger"] == "catalog.access"}
+    line = access[ok.headers["X-Request-ID"]]
+    assert (line["method"], line["path"], line["status"], line["client"]) == (
+        "GET",
+        "/api/v1/products",
+        200,
+        "writer",
+    )
+    assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
+    assert access[denied.headers["X-Request-ID"]]["client"] is None
+    assert access[denied.headers["X-Request-ID"]]["status"] == 401
+    assert len([x for x in server.log_lines() if x["logger"] == "catalog.access"]) == len(access)
+
+
+@pytest.mark.parametrize("offered", ["abc-123", "A.b_c-9", "x" * 128])
+def test_a_well_formed_request_id_is_kept(server: Any, offered: str) -> None:
+    response = requests.get(f"{server.url}/livez", headers={"X-Request-ID": offered}, timeout=10)
+    assert response.headers["X-Request-ID"] == offered
+
+
+@pytest.mark.parametrize("offered", ["", "x" * 129, "has space", "semi;colon", "ünï"])
+def test_a_malformed_request_id_is_replaced(server: Any, offered: str) -> None:
+    response = requests.get(f"{server.url}/livez", headers={"X-Request-ID": offered.encode()}, timeout=10)
+    assert response.headers["X-Request-ID"] not in ("", offered)
+    assert 1 <= len(response.headers["X-Request-ID"]) <= 128
+
+
+def test_lines_written_while_serving_carry_the_request_id(server: Any, keys_dir: SecretDir) -> None:
+    keys_dir.write({"broken": "short"})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and '"file": "broken"' not in server.output():
+        requests.get(f"{server.url}/readyz", headers={"X-Request-ID": "probe-7"}, timeout=10)
+        time.sleep(0.2)
+    server.stop()
+    skipped = [line for line in server.log_lines() if line["message"] == "api key file skipped"]
+    assert any(line.get("request_id") == "probe-7" for line in skipped), skipped

@@ -1,0 +1,68 @@
+"""The OpenAPI 3.1 document covers every /api/v1 operation, with problem+json errors and the key scheme."""
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def spec(client: Any) -> dict[str, Any]:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    return dict(response.get_json())
+
+
+def test_every_operation_is_described(spec: dict[str, Any]) -> None:
+    assert spec["openapi"].startswith("3.1")
+    operations = {(path, method) for path, item in spec["paths"].items() for method in item}
+    assert operations == {
+        ("/api/v1/products", "get"),
+        ("/api/v1/products", "post"),
+        ("/api/v1/products/{product_id}", "get"),
+        ("/api/v1/products/{product_id}", "put"),
+        ("/api/v1/products/{product_id}", "patch"),
+        ("/api/v1/products/{product_id}", "delete"),
+    }
+
+
+def test_errors_are_problem_json_and_success_bodies_have_schemas(spec: dict[str, Any]) -> None:
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    assert list(response["content"]) == ["application/problem+json"]
+                    assert response["content"]["application/problem+json"]["schema"]["$ref"].endswith(
+                        "ProblemDetail"
+                    )
+            assert {"401", "403", "422", "429"} <= operation["responses"].keys()
+    assert spec["paths"]["/api/v1/products/{product_id}"]["get"]["responses"]["200"]["content"][
+        "application/json"
+    ]
+
+
+def test_the_api_key_schemes_guard_every_operation(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-Api-Key"}
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    for item in spec["paths"].values():
+        for operation in item.values():
+            assert operation["security"] == [{"ApiKey": []}, {"Bearer": []}]
+
+
+def test_request_rules_are_in_the_schema(spec: dict[str, Any]) -> None:
+    product_in = spec["components"]["schemas"]["ProductIn"]
+    assert product_in["additionalProperties"] is False
+    assert product_in["properties"]["price_cents"]["type"] == "integer"
+    assert product_in["properties"]["price_cents"]["maximum"] == 10**12
+    assert set(product_in["required"]) == {"sku", "name", "price_cents", "currency"}
+    patch = spec["paths"]["/api/v1/products/{product_id}"]["patch"]
+    assert "application/merge-patch+json" in patch["requestBody"]["content"]
+    headers = {p["name"] for p in spec["paths"]["/api/v1/products"]["post"]["parameters"]}
+    assert "Idempotency-Key" in headers
+
+
+def test_docs_page_lists_the_operations(client: Any) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    page = response.get_data(as_text=True)
+    assert "/api/v1/products/{product_id}" in page and "/openapi.json" in page
