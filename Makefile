@@ -9,9 +9,10 @@ UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 PORT ?= 8080
 
-export CATALOG_DATABASE_URL ?= sqlite:///var/catalog.db
-export CATALOG_API_KEYS_DIR ?= var/api-keys
-export PROMETHEUS_MULTIPROC_DIR ?= var/metrics
+# `make run`'s local files (any of them can be overridden from the environment).
+run: export CATALOG_DATABASE_URL ?= sqlite:///var/catalog.db
+run: export CATALOG_API_KEYS_DIR ?= var/api-keys
+run: export PROMETHEUS_MULTIPROC_DIR ?= var/metrics
 
 .PHONY: run test lint typecheck install install-dev install-tools lock bench clean
 

@@ -4,8 +4,8 @@ redis-server and gunicorn processes."""
 import os
 import tempfile
 
-# prometheus_client picks multiprocess mode when it is imported: set the directory before catalog is.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="catalog-test-metrics-"))
+# prometheus_client picks multiprocess mode when it is imported: a fresh directory before catalog is.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="catalog-test-metrics-")
 
 import json
 import shutil
@@ -283,6 +283,7 @@ class Gunicorn:
 
     def __init__(self, directory: Path, env: Mapping[str, str], arguments: tuple[str, ...] = ()) -> None:
         self.port = int(env.get("PORT") or free_port())
+        self.arguments = arguments
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = directory / f"gunicorn-{self.port}.log"
         metrics_dir = directory / f"metrics-{self.port}"
@@ -310,7 +311,7 @@ class Gunicorn:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until every worker has built its app and /livez answers."""
-        workers = int(self.env.get("WEB_CONCURRENCY", "2"))
+        workers = 1 if "--preload" in self.arguments else int(self.env.get("WEB_CONCURRENCY", "2"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,9 +23,16 @@ log = logging.getLogger(__name__)
 
 MIN_KEY_LENGTH = 16
 MAX_FILE_BYTES = 64 * 1024
+# The contract: a change is in effect within 10 s in every worker. A request or probe re-reads keys older
+# than POLL_SECONDS, and no request is answered from keys older than MAX_STALE_SECONDS.
 POLL_SECONDS = 2.0
+MAX_STALE_SECONDS = 5.0
+SCAN_ATTEMPTS = 3
+DATA_LINK = "..data"
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 SCOPES = frozenset({"read", "write"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CHALLENGE = 'Bearer realm="catalog"'
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class Client:
 
 @dataclass(frozen=True)
 class _Entry:
+    """A loaded key: the SHA-256 of the key (never the key) and whose it is."""
+
     digest: bytes
     client: Client
 
@@ -50,61 +60,85 @@ def parse_key_file(name: str, content: str) -> _Entry:
     """One Secret entry in any of the contract's three formats."""
     text = content.strip()
     if text.startswith("{"):
-        try:
-            document: Any = json.loads(text)
-        except ValueError:
-            raise KeyFileError("not valid JSON") from None
-        if not isinstance(document, dict) or set(document) - {"key", "sha256", "scopes", "rate_limit"}:
-            raise KeyFileError("JSON must be an object with key or sha256, and optional scopes and rate_limit")
-        if ("key" in document) == ("sha256" in document):
-            raise KeyFileError("JSON must have exactly one of key and sha256")
-        scopes = document.get("scopes", ["read", "write"])
-        if not isinstance(scopes, list) or not scopes or not set(scopes) <= SCOPES or not all(
-            isinstance(s, str) for s in scopes
-        ):
-            raise KeyFileError('scopes must be a non-empty list of "read" and "write"')
-        rate_limit = document.get("rate_limit")
-        if rate_limit is not None:
-            try:
-                if not isinstance(rate_limit, str) or not parse_many(rate_limit):
-                    raise ValueError
-            except ValueError:
-                raise KeyFileError("rate_limit must be a rate limit such as '500/second'") from None
-        client = Client(name, frozenset(scopes), rate_limit)
-        if "key" in document:
-            return _Entry(_digest_of_key(document["key"]), client)
-        return _Entry(_digest_of_hex(document["sha256"]), client)
+        return _parse_json_entry(name, text)
     client = Client(name, SCOPES)
     if text.startswith("sha256:"):
         return _Entry(_digest_of_hex(text.removeprefix("sha256:")), client)
     return _Entry(_digest_of_key(text), client)
 
 
+def _parse_json_entry(name: str, text: str) -> _Entry:
+    """The JSON format: key or sha256, optional scopes and rate_limit."""
+    try:
+        document: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        raise KeyFileError("not valid JSON") from None
+    if not isinstance(document, dict) or set(document) - {"key", "sha256", "scopes", "rate_limit"}:
+        raise KeyFileError("JSON must be an object with key or sha256, and optional scopes and rate_limit")
+    if ("key" in document) == ("sha256" in document):
+        raise KeyFileError("JSON must have exactly one of key and sha256")
+    scopes = document.get("scopes", sorted(SCOPES))
+    if (
+        not isinstance(scopes, list)
+        or not scopes
+        or not all(isinstance(scope, str) and scope in SCOPES for scope in scopes)
+    ):
+        raise KeyFileError('scopes must be a non-empty list of "read" and "write"')
+    rate_limit = document.get("rate_limit")
+    if rate_limit is not None:
+        try:
+            if not isinstance(rate_limit, str) or not parse_many(rate_limit):
+                raise ValueError
+        except ValueError:
+            raise KeyFileError("rate_limit must be a rate limit such as '500/second'") from None
+    client = Client(name, frozenset(scopes), rate_limit)
+    if "key" in document:
+        return _Entry(_digest_of_key(document["key"]), client)
+    return _Entry(_digest_of_hex(document["sha256"]), client)
+
+
 def _digest_of_key(key: Any) -> bytes:
+    """The SHA-256 of a usable key (16 characters or more, no white space)."""
     if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
         raise KeyFileError(f"a key must be at least {MIN_KEY_LENGTH} characters without white space")
     return hashlib.sha256(key.encode()).digest()
 
 
 def _digest_of_hex(value: Any) -> bytes:
-    try:
-        if not isinstance(value, str) or len(value) != 64:
-            raise ValueError
-        return bytes.fromhex(value)
-    except ValueError:
-        raise KeyFileError("sha256 must be 64 hexadecimal characters") from None
+    """The digest a `sha256` entry spells in hex."""
+    # bytes.fromhex alone would accept white space between digits and so a digest shorter than 32 bytes.
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
+        raise KeyFileError("sha256 must be 64 hexadecimal characters")
+    return bytes.fromhex(value)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What one read of the directory found."""
+
+    entries: tuple[_Entry, ...]
+    # Files that did not parse: name -> (fingerprint of what was read, reason without content).
+    skipped: dict[str, tuple[bytes, str]]
 
 
 class KeyStore:
-    """The keys of a kubelet-style Secret directory, re-read at most every POLL_SECONDS (never inotify:
-    the kubelet swaps a `..data` symlink, which file watches miss)."""
+    """The keys of a kubelet-style Secret directory, re-read on use once they are POLL_SECONDS old.
 
-    def __init__(self, directory: str, poll_seconds: float = POLL_SECONDS) -> None:
+    No thread and no inotify (the kubelet swaps a `..data` symlink, which file watches miss): the request
+    or probe that finds the keys older than POLL_SECONDS re-reads them, and one that finds them older than
+    MAX_STALE_SECONDS waits for that read, so an idle worker never answers from keys older than that."""
+
+    def __init__(
+        self, directory: str, poll_seconds: float = POLL_SECONDS, max_stale_seconds: float = MAX_STALE_SECONDS
+    ) -> None:
         self.directory = directory
         self.poll_seconds = poll_seconds
+        self.max_stale_seconds = max(max_stale_seconds, poll_seconds)
         self._entries: tuple[_Entry, ...] = ()
         self._signature: frozenset[tuple[bytes, Client]] | None = None
-        self._loaded_at = float("-inf")
+        self._warned: dict[str, tuple[bytes, str]] = {}
+        self._directory_unreadable = False
+        self._fresh_as_of = float("-inf")
         self._reload_lock = threading.Lock()
         self.reload()
 
@@ -113,45 +147,109 @@ class KeyStore:
         """Valid keys loaded now."""
         return len(self._entries)
 
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        """The clients of the keys loaded now (names and scopes; never a key or digest)."""
+        return tuple(entry.client for entry in self._entries)
+
     def refresh_if_due(self) -> None:
-        """Re-read the directory if the poll interval has passed; never makes a request wait on another."""
-        if time.monotonic() - self._loaded_at >= self.poll_seconds and self._reload_lock.acquire(blocking=False):
-            try:
+        """Re-read the directory when the keys are POLL_SECONDS old; while they are younger than
+        MAX_STALE_SECONDS nobody waits for another thread's read, after that everybody does."""
+        age = time.monotonic() - self._fresh_as_of
+        if age < self.poll_seconds:
+            return
+        if age < self.max_stale_seconds:
+            if self._reload_lock.acquire(blocking=False):
+                try:
+                    self.reload()
+                finally:
+                    self._reload_lock.release()
+            return
+        with self._reload_lock:
+            if time.monotonic() - self._fresh_as_of >= self.max_stale_seconds:
                 self.reload()
-            finally:
-                self._reload_lock.release()
 
     def reload(self) -> None:
-        """Read every entry of the directory now; skip (and name) files that do not parse."""
-        self._loaded_at = time.monotonic()
-        entries: list[_Entry] = []
+        """Read every entry of the directory now; skip (and name, once) files that do not parse."""
+        started = time.monotonic()
+        scan = self._consistent_scan()
+        if scan is None:
+            return  # keep the keys; the next request or probe reads again
+        for name, (fingerprint, reason) in scan.skipped.items():
+            if self._warned.get(name) != (fingerprint, reason):
+                log.warning("api key file skipped", extra={"file": name, "reason": reason})
+        self._warned = scan.skipped
+        signature = frozenset((e.digest, e.client) for e in scan.entries)
+        if signature != self._signature:
+            self._entries = scan.entries
+            self._signature = signature
+            API_KEYS_LOADED.set(len(scan.entries))
+            names = [e.client.name for e in scan.entries]
+            if names:
+                log.info("api keys loaded", extra={"count": len(names), "clients": names, "pid": os.getpid()})
+            else:
+                log.warning(
+                    "no valid api key loaded: every /api/ request gets 401",
+                    extra={"count": 0, "clients": [], "pid": os.getpid(), "directory": self.directory},
+                )
+        self._fresh_as_of = started
+
+    def _data_target(self) -> str | None:
+        """Where `..data` points now (None in a plain directory, as `make run` writes)."""
+        try:
+            return os.readlink(os.path.join(self.directory, DATA_LINK))
+        except OSError:
+            return None
+
+    def _consistent_scan(self) -> _Scan | None:
+        """A scan during which the kubelet did not swap `..data` (else files of both versions could mix,
+        and a key present in both could be missed while the old version's directory is deleted); None if
+        the Secret changed during every attempt."""
+        for _attempt in range(SCAN_ATTEMPTS):
+            before = self._data_target()
+            scan = self._scan()
+            if self._data_target() == before:
+                return scan
+        return None
+
+    def _scan(self) -> _Scan:
+        """Read each visible entry once; files that do not parse are noted with a reason, not loaded."""
         try:
             names = sorted(n for n in os.listdir(self.directory) if not n.startswith("."))
         except OSError as error:
-            names = []
-            if self._signature is None or self._entries:
-                log.warning("api keys directory unreadable", extra={"directory": self.directory,
-                                                                      "error_type": type(error).__name__})
+            if not self._directory_unreadable:
+                log.warning(
+                    "api keys directory unreadable",
+                    extra={"directory": self.directory, "error_type": type(error).__name__},
+                )
+            self._directory_unreadable = True
+            return _Scan((), {})
+        self._directory_unreadable = False
+        entries: list[_Entry] = []
+        skipped: dict[str, tuple[bytes, str]] = {}
         for name in names:
             path = os.path.join(self.directory, name)
+            raw = b""
             try:
+                if not os.path.exists(path):
+                    continue  # a link to a key the kubelet is removing
                 if not os.path.isfile(path):
-                    continue
-                with open(path, encoding="utf-8") as key_file:
-                    content = key_file.read(MAX_FILE_BYTES + 1)
-                if len(content) > MAX_FILE_BYTES:
-                    raise KeyFileError("larger than 64 KiB")
+                    raise KeyFileError("not a regular file")
+                with open(path, "rb") as key_file:
+                    raw = key_file.read(MAX_FILE_BYTES + 1)
+                if len(raw) > MAX_FILE_BYTES:
+                    raise KeyFileError(f"larger than {MAX_FILE_BYTES // 1024} KiB")
+                try:
+                    content = raw.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    raise KeyFileError("not UTF-8 text") from None
                 entries.append(parse_key_file(name, content))
-            except (KeyFileError, OSError, UnicodeDecodeError) as error:
+            except FileNotFoundError:
+                continue
+            except (KeyFileError, OSError) as error:
                 reason = str(error) if isinstance(error, KeyFileError) else type(error).__name__
-                if self._signature is None or name not in {e.client.name for e in self._entries}:
-                    log.warning("api key file skipped", extra={"file": name, "reason": reason})
-        signature = frozenset((e.digest, e.client) for e in entries)
-        if signature != self._signature:
-            self._entries = tuple(entries)
-            self._signature = signature
-            API_KEYS_LOADED.set(len(entries))
-            log.info("api keys loaded", extra={"count": len(entries), "clients": [e.client.name for e in entries]})
+                skipped[name] = (hashlib.sha256(raw).digest(), reason)
+        return _Scan(tuple(entries), skipped)
 
     def authenticate(self, presented: str) -> Client | None:
         """The client whose key this is; every stored digest is compared in constant time."""
@@ -204,14 +302,22 @@ def authenticate_request() -> None:
         reason = "invalid" if key else "missing"
         AUTH_FAILURES.labels(reason=reason).inc()
         current_app.extensions["catalog.auth_failed"](reason)
-        detail = "The API key is not valid." if key else f"Send an API key in {header} or Authorization: Bearer."
-        raise Unauthenticated(detail, headers={"WWW-Authenticate": 'Bearer realm="catalog"'})
+        if key:  # RFC 6750 section 3: an error code only when credentials were sent
+            raise Unauthenticated(
+                "The API key is not valid.",
+                headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'},
+            )
+        raise Unauthenticated(
+            f"Send an API key in {header} or Authorization: Bearer.", headers={"WWW-Authenticate": CHALLENGE}
+        )
+    g.client = client
     needed = "read" if request.method in READ_METHODS else "write"
     if needed not in client.scopes:
-        g.client = client
         AUTH_FAILURES.labels(reason="forbidden").inc()
-        raise Forbidden(f"The client {client.name!r} lacks the {needed!r} scope this request needs.")
-    g.client = client
+        raise Forbidden(
+            f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
+            headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},
+        )
 
 
 def init_app(app: Flask) -> None:

@@ -84,7 +84,7 @@ def dev_keys(settings: Settings) -> None:
     print(f"API key of the client 'dev': {os.path.abspath(path)}", file=sys.stderr)
     print(
         f'Try: curl -s -H "{settings.api_key_header}: $(cat {path})" '
-        f"http://127.0.0.1:{settings.port}/api/v1/products?limit=3",
+        f"'http://127.0.0.1:{settings.port}/api/v1/products?limit=3'",
         file=sys.stderr,
     )
 

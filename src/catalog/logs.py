@@ -25,13 +25,16 @@ class JsonLineFormatter(JsonFormatter):
         kwargs.setdefault("json_default", str)
         super().__init__("%(levelname)s %(name)s %(message)s", *args, **kwargs)
 
+    _second = -1
+    _second_text = ""
+
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:
         seconds = int(record.created)
-        log_data["timestamp"] = (
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(record.msecs):03d}Z"
-        )
+        if seconds != self._second:  # formatting the date once a second, not once a line
+            self._second, self._second_text = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        log_data["timestamp"] = f"{self._second_text}.{int(record.msecs):03d}Z"
         super().add_fields(log_data, record, message_dict)
 
 
@@ -56,6 +59,11 @@ def json_handler() -> logging.Handler:
 
 def configure(level: str) -> None:
     """Route the root logger (and so every library's) to one JSON handler on stdout, once."""
+    # No record needs the caller's source line, thread or process names: skip finding them on every line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.setLevel(level)
     if not any(isinstance(h.formatter, JsonLineFormatter) for h in root.handlers):
