@@ -1,0 +1,387 @@
+"""Rate limits (issue 9): per client and shared by all workers in Redis, per IP for failed authentication,
+headers on every /api/ answer, and in memory per worker while Redis is away."""
+
+import dataclasses
+import json
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+from tests.conftest import DEFAULT_KEYS, READER_KEY, RedisServer, SecretDir, auth, product_body
+
+from catalog import create_app
+from catalog.config import Settings
+from catalog.limits import KEY_PREFIX
+
+RATE_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
+OPERATIONAL_PATHS = ("/livez", "/healthz", "/readyz", "/metrics", "/version", "/openapi.json", "/docs")
+WRONG_KEY = "wrong-key-0123456789abcdef"
+
+
+def get(url: str, **kwargs: Any) -> requests.Response:
+    """One request over a new connection (so gunicorn hands it to any worker)."""
+    kwargs.setdefault("timeout", 10)
+    with requests.Session() as session:
+        return session.get(url, **kwargs)
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    """A problem body of this status (works for the Flask test client and requests alike)."""
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    body = json.loads(response.data if hasattr(response, "data") else response.content)
+    assert body["status"] == status
+    assert {"type", "title", "detail", "request_id"} <= body.keys()
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    if status == 429:
+        assert body["type"] == "/problems/rate-limited"
+    return dict(body)
+
+
+def assert_rate_headers(response: Any, limit: int) -> int:
+    """RateLimit-* present and sane; the remaining quota."""
+    assert response.headers["RateLimit-Limit"] == str(limit)
+    remaining = int(response.headers["RateLimit-Remaining"])
+    assert 0 <= remaining <= limit
+    assert 0 <= int(response.headers["RateLimit-Reset"]) <= 60
+    return remaining
+
+
+def assert_too_many(response: Any, limit: int) -> None:
+    """A 429 problem body with Retry-After and an exhausted quota."""
+    assert_problem(response, 429)
+    assert assert_rate_headers(response, limit) == 0
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """A sample's value from /metrics (0 when it is absent)."""
+    text = get(f"{base_url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def counters(redis_server: RedisServer) -> dict[str, int]:
+    """Every rate-limit counter in Redis."""
+    client = redis_server.client()
+    return {key.decode(): int(client.get(key) or 0) for key in client.scan_iter(f"{KEY_PREFIX}*")}
+
+
+def poll(condition: Callable[[], Any], timeout: float, message: str) -> Any:
+    """`condition()`'s first truthy value within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+@pytest.fixture
+def serve(gunicorn: Any, sqlite_url: str, keys_dir: SecretDir, redis_server: RedisServer) -> Any:
+    """Start gunicorn (2 workers) on the test Redis with extra environment."""
+
+    def start(**env: str) -> Any:
+        server = gunicorn(
+            {
+                "CATALOG_DATABASE_URL": sqlite_url,
+                "CATALOG_API_KEYS_DIR": str(keys_dir.path),
+                "CATALOG_REDIS_URL": redis_server.url,
+                "WEB_CONCURRENCY": "2",
+                "CATALOG_THREADS": "4",
+                **env,
+            }
+        )
+        poll(lambda: len(booted_workers(server)) == 2, 30, "both workers did not boot")
+        return server
+
+    return start
+
+
+def booted_workers(server: Any) -> list[dict[str, Any]]:
+    """The line each worker logs once it has built the app and loaded the keys."""
+    return [line for line in server.log_lines() if line.get("message") == "api keys loaded"]
+
+
+def api_requests_per_worker(server: Any) -> dict[str, float]:
+    """Requests each worker counted in its own metrics file (flask_http_request_total: probes excluded)."""
+    directory = Path(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    served: dict[str, float] = {}
+    for path in directory.glob("counter_*.db"):
+        for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(str(path)):
+            _metric, name, _labels, _help = json.loads(key)
+            if name == "flask_http_request_total":
+                served[path.stem] = served.get(path.stem, 0) + value
+    return served
+
+
+# --- one budget per client, shared by the workers ----------------------------------------------------------
+
+
+def test_a_client_over_its_limit_gets_429_while_another_is_unaffected_and_workers_share_the_count(
+    serve: Any, redis_server: RedisServer
+) -> None:
+    server = serve(CATALOG_RATE_LIMIT="20/minute")
+    url = f"{server.url}/api/v1/products?limit=1"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: get(url, headers=auth()), range(30)))
+
+    assert sorted(a.status_code for a in answers) == [200] * 20 + [429] * 10
+    for answer in answers:
+        assert_rate_headers(answer, 20)
+        assert ("Retry-After" in answer.headers) == (answer.status_code == 429)
+        if answer.status_code == 429:
+            assert_too_many(answer, 20)
+    assert sorted(int(a.headers["RateLimit-Remaining"]) for a in answers if a.status_code == 200) == list(
+        range(20)
+    )
+    # Both workers answered, yet 20 passed in all: the count is the sum, kept in Redis.
+    assert len(api_requests_per_worker(server)) == 2, api_requests_per_worker(server)
+    assert counters(redis_server)[f"{KEY_PREFIX}LIMITER/writer/api/20/1/minute"] == 30
+
+    other = get(url, headers=auth(READER_KEY))
+    assert other.status_code == 200
+    assert assert_rate_headers(other, 20) == 19
+    assert "Retry-After" not in other.headers
+    for path in OPERATIONAL_PATHS:
+        answer = get(f"{server.url}{path}", headers=auth())
+        assert answer.status_code == 200, path
+        assert not {*RATE_HEADERS, "Retry-After"} & set(answer.headers.keys()), path
+    assert metric(server.url, "catalog_rate_limited_total", client="writer") == 10
+    assert metric(server.url, "catalog_rate_limited_total", client="reader") == 0
+
+
+def test_a_per_client_limit_from_the_secret_applies_after_rotation_without_restart(
+    serve: Any, keys_dir: SecretDir
+) -> None:
+    server = serve(CATALOG_RATE_LIMIT="1000/minute")
+    url = f"{server.url}/api/v1/products?limit=1"
+    assert_rate_headers(get(url, headers=auth(READER_KEY)), 1000)
+
+    keys_dir.write(
+        {
+            **DEFAULT_KEYS,
+            "reader": json.dumps({"key": READER_KEY, "scopes": ["read"], "rate_limit": "5/minute"}),
+        }
+    )
+    answers: list[requests.Response] = []
+
+    def limited() -> bool:
+        answers.append(get(url, headers=auth(READER_KEY)))
+        return answers[-1].status_code == 429
+
+    poll(limited, 20, "the reader's own limit of 5/minute never took effect")
+    # Workers pick the rotation up independently; every answer under the new limit counts towards one budget.
+    under_new_limit = [a for a in answers if a.headers["RateLimit-Limit"] == "5"]
+    assert [a.status_code for a in under_new_limit] == [200] * 5 + [429]
+    assert_too_many(under_new_limit[-1], 5)
+    assert server.process.poll() is None
+    writer = get(url, headers=auth())
+    assert writer.status_code == 200 and writer.headers["RateLimit-Limit"] == "1000"
+
+
+# --- failed authentication, per client IP ------------------------------------------------------------------
+
+
+def test_key_guessing_from_one_ip_gets_429_while_a_client_behind_the_same_proxy_is_unaffected(
+    serve: Any,
+) -> None:
+    server = serve(CATALOG_AUTH_FAILURE_LIMIT="30/minute", CATALOG_TRUSTED_PROXY_HOPS="1")
+    url = f"{server.url}/api/v1/products?limit=1"
+    guesser = {"X-Api-Key": WRONG_KEY, "X-Forwarded-For": "203.0.113.7"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: get(url, headers=guesser), range(40)))
+
+    assert sorted(a.status_code for a in answers) == [401] * 30 + [429] * 10
+    for answer in answers:
+        assert_rate_headers(answer, 30)
+        if answer.status_code == 429:
+            assert_too_many(answer, 30)
+        else:
+            assert_problem(answer, 401)
+            assert "Retry-After" not in answer.headers
+    assert sorted(int(a.headers["RateLimit-Remaining"]) for a in answers if a.status_code == 401) == list(
+        range(30)
+    )
+
+    neighbour = {**auth(), "X-Forwarded-For": "198.51.100.9"}
+    assert get(url, headers=neighbour).status_code == 200
+    assert get(url, headers={"X-Api-Key": WRONG_KEY, "X-Forwarded-For": "198.51.100.9"}).status_code == 401
+    assert get(url, headers={**auth(), "X-Forwarded-For": "203.0.113.7"}).status_code == 200
+    assert metric(server.url, "catalog_rate_limited_total", client="anonymous") == 10
+
+
+def test_without_trusted_proxy_hops_x_forwarded_for_cannot_dodge_the_failure_limit(
+    settings: Settings,
+) -> None:
+    app = create_app(dataclasses.replace(settings, auth_failure_limit="3/minute", trusted_proxy_hops=0))
+    client = app.test_client()
+    statuses = [
+        client.get(
+            "/api/v1/products",
+            headers={"X-Api-Key": WRONG_KEY, "X-Forwarded-For": f"192.0.2.{n}"},
+            environ_base={"REMOTE_ADDR": "10.1.1.1"},
+        ).status_code
+        for n in range(5)
+    ]
+    assert statuses == [401, 401, 401, 429, 429]
+    other_peer = client.get("/api/v1/products", headers=auth(), environ_base={"REMOTE_ADDR": "10.2.2.2"})
+    assert other_peer.status_code == 200
+
+
+# --- headers on every /api/ answer -------------------------------------------------------------------------
+
+
+def test_every_api_answer_carries_rate_limit_headers_and_only_429_carries_retry_after(
+    settings: Settings, redis_server: RedisServer
+) -> None:
+    app = create_app(
+        dataclasses.replace(
+            settings, redis_url=redis_server.url, rate_limit="8/minute", auth_failure_limit="4/minute"
+        )
+    )
+    client = app.test_client()
+    answers = {
+        201: client.post("/api/v1/products", json=product_body(), headers=auth()),
+        404: client.get("/api/v1/products/no-such-id", headers=auth()),
+        405: client.delete("/api/v1/products", headers=auth()),
+        422: client.get("/api/v1/products?limit=1000", headers=auth()),
+        400: client.post(
+            "/api/v1/products", data="{", headers={**auth(), "Content-Type": "application/json"}
+        ),
+    }
+    for status, answer in answers.items():
+        assert answer.status_code == status
+        assert "Retry-After" not in answer.headers
+    assert [assert_rate_headers(a, 8) for a in answers.values()] == [7, 6, 5, 4, 3]
+    no_route = client.get("/api/v2/nothing", headers=auth())
+    assert no_route.status_code == 404 and assert_rate_headers(no_route, 8) == 2
+
+    # 401 comes from auth, before the client is known: it reports the caller IP's failure quota.
+    unauthorized = client.get("/api/v1/products", headers={"X-Api-Key": WRONG_KEY})
+    assert_problem(unauthorized, 401)
+    assert assert_rate_headers(unauthorized, 4) == 3
+    assert "Retry-After" not in unauthorized.headers
+    missing = client.get("/api/v1/products")
+    assert assert_rate_headers(missing, 4) == 2
+
+    # 403 comes from auth too, but the client is known: it counts against that client's own budget.
+    forbidden = [
+        client.post("/api/v1/products", json=product_body(), headers=auth(READER_KEY)) for _ in range(9)
+    ]
+    assert [a.status_code for a in forbidden] == [403] * 8 + [429]
+    assert [assert_rate_headers(a, 8) for a in forbidden[:8]] == list(range(7, -1, -1))
+    assert "Retry-After" not in forbidden[0].headers
+    assert_too_many(forbidden[8], 8)
+
+    for path in OPERATIONAL_PATHS:
+        answer = client.get(path)
+        assert not {*RATE_HEADERS, "Retry-After"} & set(answer.headers.keys()), path
+
+
+def test_a_cached_get_costs_one_cache_get_and_one_limiter_evalsha(
+    serve: Any, redis_server: RedisServer
+) -> None:
+    server = serve()
+    created = requests.post(f"{server.url}/api/v1/products", json=product_body(), headers=auth(), timeout=10)
+    url = f"{server.url}/api/v1/products/{created.json()['id']}"
+    poll(lambda: get(url, headers=auth()).headers["X-Cache"] == "HIT", 10, "the product never got cached")
+    # The script is loaded and the connections are open: what follows is the steady state.
+    for _ in range(6):
+        assert get(url, headers=auth()).headers["X-Cache"] == "HIT"
+
+    seen: list[dict[str, Any]] = []
+    # A bare connection, opened before MONITOR starts, marks the end of the requests with one ECHO.
+    with (
+        socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as marker,
+        redis_server.client() as watcher,
+        watcher.monitor() as monitor,
+        requests.Session() as session,
+    ):
+        for _ in range(10):
+            answer = session.get(url, headers=auth(), timeout=10)
+            assert answer.headers["X-Cache"] == "HIT" and answer.headers["RateLimit-Limit"] == "1000"
+        marker.sendall(b"ECHO end-of-test-requests\r\n")
+        for command in monitor.listen():
+            if "end-of-test-requests" in command["command"]:
+                break
+            seen.append(command)
+    sent = [c["command"].split()[0].upper() for c in seen if c["client_type"] != "lua"]
+    assert sorted(sent) == ["EVALSHA"] * 10 + ["GET"] * 10, [
+        (c["client_port"], c["command"][:60]) for c in seen
+    ]
+    script_commands = {c["command"].split()[0].upper() for c in seen if c["client_type"] == "lua"}
+    assert script_commands == {"INCRBY", "PTTL"}
+
+
+# --- Redis away: per worker in memory, then shared again -------------------------------------------------
+
+
+def timed_get(url: str, **kwargs: Any) -> tuple[float, requests.Response]:
+    """Seconds a request took, and its answer."""
+    started = time.monotonic()
+    answer = get(url, **kwargs)
+    return time.monotonic() - started, answer
+
+
+@pytest.mark.parametrize("outage", ["pause", "kill"])
+def test_redis_away_keeps_the_api_answering_fast_then_shared_counting_resumes(
+    serve: Any, redis_server: RedisServer, outage: str
+) -> None:
+    server = serve(CATALOG_RATE_LIMIT="1000/minute")
+    url = f"{server.url}/api/v1/products?limit=1"
+    for _ in range(4):
+        assert get(url, headers=auth()).status_code == 200
+    key = f"{KEY_PREFIX}LIMITER/writer/api/1000/1/minute"
+    assert counters(redis_server)[key] == 4
+
+    redis_server.pause() if outage == "pause" else redis_server.kill()
+    during = [timed_get(url, headers=auth()) for _ in range(20)]
+    assert [a.status_code for _, a in during] == [200] * 20
+    assert max(seconds for seconds, _ in during) < 1.0, [round(s, 3) for s, _ in during]
+    for _, answer in during:
+        assert answer.headers["X-Cache"] == "BYPASS"
+        assert_rate_headers(answer, 1000)
+
+    redis_server.resume() if outage == "pause" else redis_server.start()
+    before = counters(redis_server).get(key, 0)
+
+    def counted_in_redis() -> bool:
+        # Each worker returns to Redis on its own; done when a batch is counted there in full.
+        start = counters(redis_server).get(key, 0)
+        for _ in range(6):
+            assert get(url, headers=auth()).status_code == 200
+        return counters(redis_server).get(key, 0) - start == 6
+
+    poll(counted_in_redis, 15, "shared counting did not resume in Redis")
+    assert counters(redis_server)[key] > before
+
+
+def test_while_redis_is_down_each_worker_enforces_the_limit_in_memory(
+    serve: Any, redis_server: RedisServer
+) -> None:
+    server = serve(CATALOG_RATE_LIMIT="5/minute")
+    url = f"{server.url}/api/v1/products?limit=1"
+    assert get(url, headers=auth()).status_code == 200
+    redis_server.kill()
+    # Concurrent requests meet the failure together: none may get a 500 for it.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: get(url, headers=auth()), range(30)))
+    passed = [a for a in answers if a.status_code == 200]
+    # At most 5 per worker (2 workers); the one request counted in Redis before it died is forgotten.
+    assert 5 <= len(passed) <= 10
+    for answer in answers:
+        assert_rate_headers(answer, 5)
+        if answer.status_code != 200:
+            assert_too_many(answer, 5)
