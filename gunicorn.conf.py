@@ -40,7 +40,13 @@ proc_name = "catalog"
 
 
 def on_starting(server):
-    """Before the workers exist: the board that keeps in-process caches of all workers exact."""
+    """Before the workers exist: an embedded SQLite database gets its schema (a PostgreSQL one is migrated
+    by `catalog db upgrade`, e.g. the chart's init container); the board that keeps in-process caches of
+    all workers exact."""
+    if settings.database_url.startswith("sqlite"):
+        from catalog.cli import upgrade
+
+        upgrade(settings)
     board = tempfile.NamedTemporaryFile(prefix="catalog-cache-board-", delete=False)  # noqa: SIM115
     board.close()
     os.environ[BOARD_ENV] = board.name

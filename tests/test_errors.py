@@ -6,7 +6,11 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 from tests.conftest import SecretDir, auth, product_body
+
+from catalog.cli import upgrade
+from catalog.config import Settings
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:
@@ -58,26 +62,28 @@ def test_422_lists_each_broken_rule(client: Any) -> None:
 
 
 @pytest.fixture
-def unmigrated_server(gunicorn: Any, tmp_path: Path, keys_dir: SecretDir) -> Any:
-    """A server on a database without tables: every product query fails inside the app."""
-    return gunicorn(
-        {
-            "CATALOG_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}",
-            "CATALOG_API_KEYS_DIR": str(keys_dir.path),
-        }
-    )
+def broken_server(gunicorn: Any, tmp_path: Path, keys_dir: SecretDir) -> Any:
+    """A server whose database lost its products table: every product query fails inside the app."""
+    url = f"sqlite:///{tmp_path / 'broken.db'}"
+    upgrade(Settings(database_url=url))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE product_tags"))
+        connection.execute(text("DROP TABLE products"))
+    engine.dispose()
+    return gunicorn({"CATALOG_DATABASE_URL": url, "CATALOG_API_KEYS_DIR": str(keys_dir.path)})
 
 
-def test_an_unhandled_exception_is_a_bare_500_and_one_error_line(unmigrated_server: Any) -> None:
+def test_an_unhandled_exception_is_a_bare_500_and_one_error_line(broken_server: Any) -> None:
     response = requests.get(
-        f"{unmigrated_server.url}/api/v1/products", headers={**auth(), "X-Request-ID": "boom-1"}, timeout=10
+        f"{broken_server.url}/api/v1/products", headers={**auth(), "X-Request-ID": "boom-1"}, timeout=10
     )
     body = assert_problem(response, 500)
     assert body["request_id"] == "boom-1"
     text = response.text.lower()
     for internal in ("select", "sqlite", "traceback", "/tmp", ".py", "operationalerror", "products"):
         assert internal not in text, internal
-    lines = unmigrated_server.log_lines()
+    lines = broken_server.log_lines()
     errors = [line for line in lines if line["level"] == "ERROR"]
     assert len(errors) == 1, errors
     (error,) = errors

@@ -102,3 +102,16 @@ def test_a_preloaded_app_gets_fresh_connections_in_each_worker(
     ]
     assert {a.status_code for a in answers} == {201}
     assert all(line["level"] != "ERROR" for line in preloaded.log_lines())
+
+
+def test_an_embedded_sqlite_database_gets_its_schema_at_start(
+    gunicorn: Any, tmp_path: Path, keys_dir: SecretDir
+) -> None:
+    fresh = gunicorn(
+        {
+            "CATALOG_DATABASE_URL": f"sqlite:///{tmp_path / 'new.db'}",
+            "CATALOG_API_KEYS_DIR": str(keys_dir.path),
+        }
+    )
+    response = requests.post(f"{fresh.url}/api/v1/products", json=product_body(), headers=auth(), timeout=10)
+    assert response.status_code == 201
