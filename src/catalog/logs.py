@@ -33,7 +33,8 @@ class JsonLineFormatter(JsonFormatter):
     ) -> None:
         seconds = int(record.created)
         if seconds != self._second:  # formatting the date once a second, not once a line
-            self._second, self._second_text = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._second = seconds
         log_data["timestamp"] = f"{self._second_text}.{int(record.msecs):03d}Z"
         super().add_fields(log_data, record, message_dict)
 
