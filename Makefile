@@ -52,10 +52,9 @@ typecheck: install-dev
 	$(VENV)/bin/mypy
 
 # Cached GET vs. a bare Flask endpoint and vs. the obvious stack (needs redis-server and wrk).
-bench: install
+bench: install-dev
 	test -x $(BENCH_VENV)/bin/python || $(UV) venv --quiet --python $(VENV)/bin/python $(BENCH_VENV)
 	$(UV) pip sync --quiet --python $(BENCH_VENV)/bin/python --require-hashes bench/requirements.txt
-	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python --no-deps -e .
 	$(BENCH_VENV)/bin/python bench/run.py
 
 COMPILE := $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes

@@ -176,6 +176,19 @@ class GuardedRedis:
         self.breaker.succeeded()
         return result
 
+    @staticmethod
+    def remember(values: dict[str, bytes | None]) -> None:
+        """Keep values read ahead in another call of this request (the rate limiter's round trip)."""
+        g.redis_prefetched = values
+
+    @staticmethod
+    def prefetched(key: str) -> tuple[bool, bytes | None]:
+        """(True, value) if this request already read `key`, else (False, None); each read is used once."""
+        values: dict[str, bytes | None] | None = g.get("redis_prefetched") if has_request_context() else None
+        if values is None or key not in values:
+            return False, None
+        return True, values.pop(key)
+
     def defer(self, key: str, operation: Callable[[redis.Redis], None]) -> None:
         """Run `operation` before the next call that reaches Redis (an invalidation that could not be sent);
         a later one with the same key replaces it, so a long outage holds one per key."""
@@ -301,11 +314,20 @@ class RedisCache:
         """Tickets outlive every entry filled under them."""
         return max(self.ttl_seconds * 10, 3600) * 1000
 
+    @staticmethod
+    def product_key(product_id: str) -> str:
+        """Where a product's entry lives (the rate limiter's round trip reads it ahead)."""
+        return f"{PREFIX}product:{product_id}"
+
+    def read_ahead(self, product_id: str) -> list[str]:
+        """The keys a read of this product starts with, while Redis is trusted."""
+        return [self.product_key(product_id)] if self.board.redis_trusted() else []
+
     def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
         """The cached product entry, or `load()` stored under the product's ticket."""
         if not self.board.redis_trusted():
             return self._bypass(load, "bypass")
-        return self._read_through(f"{PREFIX}product:{product_id}", f"{PREFIX}ticket:{product_id}", load)
+        return self._read_through(self.product_key(product_id), f"{PREFIX}ticket:{product_id}", load)
 
     def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
         """A cached list page, keyed by the list ticket that every write replaces."""
@@ -325,7 +347,7 @@ class RedisCache:
 
         def send(client: redis.Redis) -> None:
             with client.pipeline(transaction=True) as pipe:
-                pipe.delete(f"{PREFIX}product:{product_id}")
+                pipe.delete(self.product_key(product_id))
                 pipe.set(f"{PREFIX}ticket:{product_id}", new_ticket(), px=self.ticket_ttl_ms)
                 pipe.set(f"{PREFIX}lists", new_ticket(), px=self.ticket_ttl_ms)
                 pipe.execute()
@@ -365,7 +387,9 @@ class RedisCache:
                 return pipe.execute()
 
         try:
-            cached = self.guarded.call(lambda r: r.get(key))
+            found, cached = self.guarded.prefetched(key)
+            if not found:
+                cached = self.guarded.call(lambda r: r.get(key))
             if cached is not None:
                 CACHE_REQUESTS.labels(result="hit").inc()
                 return cached, "HIT"
@@ -432,6 +456,10 @@ class MemoryCache:
         # Striped, so the locks stay few whatever keys (e.g. unknown ids) are asked for.
         self._fill_locks = [threading.Lock() for _ in range(self.FILL_LOCKS)]
 
+    def read_ahead(self, product_id: str) -> list[str]:
+        """Nothing in Redis to read ahead."""
+        return []
+
     def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
         """The cached product entry, or `load()` remembered until a write bumps its counter."""
         return self._read_through(f"product:{product_id}", self.board.slot(product_id), load)
@@ -492,6 +520,10 @@ class MemoryCache:
 
 class NoCache:
     """Caching switched off (TTL 0): every read goes to the database and says BYPASS."""
+
+    def read_ahead(self, product_id: str) -> list[str]:
+        """Nothing in Redis to read ahead."""
+        return []
 
     def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
         """Read from the database."""

@@ -1,21 +1,20 @@
-"""Rate limits per API client and per IP for failed authentication: counted in Redis, in memory meanwhile."""
+"""Rate limits per API client and per IP for failed authentication: fixed windows counted in Redis (one
+round trip, which also brings the cache entry the request will read), per worker in memory meanwhile."""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, NamedTuple
+from functools import lru_cache
+from typing import NamedTuple
 
-from flask import Flask, Response, current_app, g, has_request_context, request
-from flask_limiter import Limiter, RequestLimit
-from flask_limiter.errors import RateLimitExceeded
+from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage, Storage
-from limits.strategies import FixedWindowRateLimiter
+from limits.storage import MemoryStorage
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from catalog.cache import GuardedRedis, RedisUnavailable
-from catalog.errors import Problem, problem_response
+from catalog.errors import Problem
 from catalog.metrics import RATE_LIMITED
 
 # Every counter lives under this prefix, apart from the cache's keys (and independent of its schema version,
@@ -24,101 +23,27 @@ KEY_PREFIX = "catalog:ratelimit:"
 # All /api/ routes share one budget per client.
 API_SCOPE = "api"
 AUTH_FAILURE_SCOPE = "auth-failures"
-# INCRBY, an expiry for a new window (or a key that somehow lost its own), and the window's remaining
-# milliseconds, in one round trip.
+# For each of the first ARGV[1] keys: INCR, an expiry for a new window (or a key that somehow lost its own)
+# and the window's remaining milliseconds; then the value of every further key (the cache entry this request
+# reads next), all in one round trip.
 HIT_SCRIPT = """
-local count = redis.call('INCRBY', KEYS[1], ARGV[2])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1]) * 1000
+local counters = tonumber(ARGV[1])
+local out = {}
+for i = 1, counters do
+  local count = redis.call('INCR', KEYS[i])
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < 0 then
+    redis.call('EXPIRE', KEYS[i], ARGV[i + 1])
+    ttl = tonumber(ARGV[i + 1]) * 1000
+  end
+  out[#out + 1] = count
+  out[#out + 1] = ttl
 end
-return {count, ttl}
+for i = counters + 1, #KEYS do
+  out[#out + 1] = redis.call('GET', KEYS[i]) or false
+end
+return out
 """
-
-
-class GuardedRedisStorage(Storage):
-    """A `limits` storage on the cache's Redis client (same timeouts, same circuit breaker) that counts in
-    this process's memory whenever Redis cannot answer, and in Redis again as soon as the breaker lets a call
-    through and it succeeds. One round trip per hit; the count and window end it answers are kept for the
-    request, so its RateLimit-* headers cost no further round trip.
-
-    The fallback is here rather than Flask-Limiter's: that one is process-wide state flipped by whichever
-    thread fails first (a concurrent request failing a moment later got a 500), and it asks Redis again only
-    after an exponential backoff of up to 32 s.
-    """
-
-    STORAGE_SCHEME = ["catalog-redis"]  # noqa: RUF012 - the type `limits` declares
-
-    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: Any) -> None:
-        super().__init__(uri, wrap_exceptions=wrap_exceptions)
-        self.redis: GuardedRedis = options["guarded"]
-        self.memory = MemoryStorage()
-        self._hit = self.redis.client.register_script(HIT_SCRIPT)
-
-    @property
-    def base_exceptions(self) -> type[Exception]:
-        """What a failing Redis raises here (a hit then counts in memory instead)."""
-        return RedisUnavailable
-
-    @staticmethod
-    def _windows() -> dict[str, tuple[int, float]]:
-        """Counter key -> (count, window end) of the hits of this request."""
-        if not has_request_context():
-            return {}
-        windows: dict[str, tuple[int, float]] = g.setdefault("rate_limit_windows", {})
-        return windows
-
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        """Count a hit; remember the window for this request's headers."""
-        try:
-            count, ttl_ms = self.redis.call(
-                lambda r: self._hit(keys=[KEY_PREFIX + key], args=[expiry, amount], client=r)
-            )
-            window = (int(count), time.time() + int(ttl_ms) / 1000)
-        except RedisUnavailable:
-            window = (self.memory.incr(key, expiry, amount), self.memory.get_expiry(key))
-        self._windows()[key] = window
-        return window[0]
-
-    def get(self, key: str) -> int:
-        """The count (from this request's hit when there was one)."""
-        if key in self._windows():
-            return self._windows()[key][0]
-        try:
-            return int(self.redis.call(lambda r: r.get(KEY_PREFIX + key)) or 0)
-        except RedisUnavailable:
-            return self.memory.get(key)
-
-    def get_expiry(self, key: str) -> float:
-        """When the window ends (from this request's hit when there was one)."""
-        if key in self._windows():
-            return self._windows()[key][1]
-        try:
-            ttl_ms = self.redis.call(lambda r: r.pttl(KEY_PREFIX + key))
-        except RedisUnavailable:
-            return self.memory.get_expiry(key)
-        return time.time() + max(int(ttl_ms), 0) / 1000
-
-    def check(self) -> bool:
-        """Redis answers."""
-        try:
-            return bool(self.redis.call(lambda r: r.ping()))
-        except RedisUnavailable:
-            return False
-
-    def reset(self) -> int | None:
-        """Clear every counter."""
-        self.memory.reset()
-        keys = self.redis.call(lambda r: list(r.scan_iter(f"{KEY_PREFIX}*")))
-        if keys:
-            self.redis.call(lambda r: r.delete(*keys))
-        return len(keys)
-
-    def clear(self, key: str) -> None:
-        """Clear one counter."""
-        self.memory.clear(key)
-        self.redis.call(lambda r: r.delete(KEY_PREFIX + key))
 
 
 class RateLimited(Problem):
@@ -128,7 +53,7 @@ class RateLimited(Problem):
 
 
 class Quota(NamedTuple):
-    """What the RateLimit-* headers of an answer say."""
+    """Where a caller stands in one limit: what the RateLimit-* headers of the answer say."""
 
     limit: int
     remaining: int
@@ -140,118 +65,123 @@ class Quota(NamedTuple):
         return max(math.ceil(self.reset_at - time.time()), 0)
 
 
-def client_name() -> str:
-    """Limits are counted per API client (its name, never its key)."""
-    client = g.get("client")
-    return client.name if client else "anonymous"
+@lru_cache(maxsize=256)
+def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
+    """`100/second; 5000/hour` as `limits` items (parsed once per distinct text, not per request)."""
+    return tuple(parse_many(text))
 
 
-def client_limit() -> str:
-    """The client's own limit from the Secret, else CATALOG_RATE_LIMIT."""
-    client = g.get("client")
-    limit: str = (client.rate_limit if client else None) or current_app.config["SETTINGS"].rate_limit
-    return limit
+class WindowCounter:
+    """Fixed-window counters in Redis through the cache's guarded client (same timeouts and breaker); in
+    this process's memory whenever Redis cannot answer, and in Redis again as soon as a call succeeds."""
+
+    def __init__(self, guarded: GuardedRedis | None) -> None:
+        self.guarded = guarded
+        self.memory = MemoryStorage()
+        self._hit = guarded.client.register_script(HIT_SCRIPT) if guarded else None
+
+    def hit(
+        self, items: tuple[RateLimitItem, ...], *identifiers: str, prefetch: list[str] | None = None
+    ) -> Quota:
+        """Count one request against every item; the quota to report (the first one breached, else the one
+        with the least left). `prefetch` keys are read in the same round trip for the cache."""
+        keys = [item.key_for(*identifiers) for item in items]
+        windows = self._redis_hit(items, keys, prefetch or []) if self.guarded else None
+        if windows is None:
+            windows = [
+                (self.memory.incr(key, item.get_expiry()), self.memory.get_expiry(key))
+                for item, key in zip(items, keys, strict=True)
+            ]
+        quotas = [
+            Quota(item.amount, item.amount - count, reset_at)
+            for item, (count, reset_at) in zip(items, windows, strict=True)
+        ]
+        return min(quotas, key=lambda quota: quota.remaining)
+
+    def _redis_hit(
+        self, items: tuple[RateLimitItem, ...], keys: list[str], prefetch: list[str]
+    ) -> list[tuple[int, float]] | None:
+        assert self.guarded is not None and self._hit is not None
+        script = self._hit
+        arguments = [len(keys), *(item.get_expiry() for item in items)]
+        try:
+            answer = self.guarded.call(
+                lambda r: script(keys=[KEY_PREFIX + key for key in keys] + prefetch, args=arguments, client=r)
+            )
+        except RedisUnavailable:
+            return None
+        now = time.time()
+        self.guarded.remember(dict(zip(prefetch, answer[2 * len(keys) :], strict=True)))
+        return [(int(answer[2 * i]), now + int(answer[2 * i + 1]) / 1000) for i in range(len(keys))]
 
 
-def is_api() -> bool:
-    """Only /api/ is limited; operational endpoints never are."""
-    return request.path.startswith("/api/")
+class RateLimiter:
+    """The client's budget (its own `rate_limit` from the Secret, else CATALOG_RATE_LIMIT) shared by all
+    /api/ routes, and a budget of failed authentications per client IP."""
 
+    def __init__(self, counter: WindowCounter, default_limit: str, auth_failure_limit: str) -> None:
+        self.counter = counter
+        self.default_limit = default_limit
+        self.auth_failure_items = parse_limits(auth_failure_limit)
 
-def on_breach(limit: RequestLimit) -> Response:
-    """The 429 problem body of a client over its limit."""
-    RATE_LIMITED.labels(client=client_name()).inc()
-    return problem_response(
-        429,
-        f"The rate limit of {limit.limit} for this client is used up; see Retry-After.",
-        title="Too many requests",
-        slug="rate-limited",
-    )
+    def limit_client(self) -> None:
+        """Before an authenticated /api/ request: count it; 429 once the client's budget is used up."""
+        client = g.get("client")
+        if client is None or g.get("rate_limit_quota") is not None:
+            return
+        prefetch = current_app.extensions["catalog.redis_prefetch"]()
+        quota = self.counter.hit(
+            parse_limits(client.rate_limit or self.default_limit), client.name, API_SCOPE, prefetch=prefetch
+        )
+        g.rate_limit_quota = quota
+        if quota.remaining < 0:
+            RATE_LIMITED.labels(client=client.name).inc()
+            raise RateLimited(f"The rate limit of client {client.name!r} is used up; see Retry-After.")
 
-
-class AuthFailureLimiter:
-    """Counts failed authentications per client IP; past the limit the answer is 429, not 401."""
-
-    def __init__(self, storage: Storage, limit: str) -> None:
-        self.items: list[RateLimitItem] = sorted(parse_many(limit))
-        self.limiter = FixedWindowRateLimiter(storage)
-
-    def hit(self, reason: str) -> None:
-        """Count this failure (its quota heads the 401's headers); raise RateLimited once over the limit."""
+    def limit_auth_failure(self, reason: str) -> None:
+        """Count a failed authentication of the caller's IP (its quota heads the 401); 429 past the limit."""
         ip = request.remote_addr or "unknown"
-        quotas: list[tuple[bool, Quota]] = []
-        for item in self.items:
-            allowed = self.limiter.hit(item, AUTH_FAILURE_SCOPE, ip)
-            window = self.limiter.get_window_stats(item, AUTH_FAILURE_SCOPE, ip)
-            quotas.append((allowed, Quota(item.amount, window.remaining, window.reset_time)))
-        breached = [quota for allowed, quota in quotas if not allowed]
-        g.auth_failure_quota = breached[0] if breached else quotas[0][1]
-        if breached:
+        quota = self.counter.hit(self.auth_failure_items, AUTH_FAILURE_SCOPE, ip)
+        g.rate_limit_quota = quota
+        if quota.remaining < 0:
             RATE_LIMITED.labels(client="anonymous").inc()
             raise RateLimited("Too many failed authentications from this address; wait before trying again.")
 
-
-def current_quota(limiter: Limiter) -> Quota | None:
-    """The quota this answer reports: the client's limit, or (on 401) the caller IP's failure limit."""
-    limit = limiter.current_limit
-    if limit is not None:
-        window = limit.window
-        return Quota(limit.limit.amount, window.remaining, window.reset_time)
-    quota: Quota | None = g.get("auth_failure_quota")
-    return quota
-
-
-def rate_limit_headers(limiter: Limiter, response: Response) -> Response:
-    """RateLimit-* on every /api/ answer, Retry-After on a 429.
-
-    A 403 is decided by auth before the limiter runs: it still counts against the client's limit here (and
-    becomes the 429 once that is used up).
-    """
-    if not is_api():
+    def headers(self, response: Response) -> Response:
+        """RateLimit-* on every /api/ answer, Retry-After on a 429. A 403 (decided by auth before the
+        limiter ran) still counts against the client's budget here, and is the 429 once that is used up."""
+        quota: Quota | None = g.get("rate_limit_quota")
+        if quota is None:
+            if response.status_code != 403 or g.get("client") is None:
+                return response
+            try:
+                self.limit_client()
+            except RateLimited as breach:
+                response = current_app.handle_user_exception(breach)  # type: ignore[assignment]
+            quota = g.rate_limit_quota
+        response.headers["RateLimit-Limit"] = str(quota.limit)
+        response.headers["RateLimit-Remaining"] = str(max(quota.remaining, 0))
+        response.headers["RateLimit-Reset"] = str(quota.reset_seconds)
+        if response.status_code == 429:
+            response.headers["Retry-After"] = str(max(quota.reset_seconds, 1))
         return response
-    if limiter.current_limit is None and g.get("client") is not None:
-        # The very check Flask-Limiter runs before each request, which auth's refusal pre-empted.
-        try:
-            limiter._check_request_limit(in_middleware=True)
-        except RateLimitExceeded as breach:
-            if isinstance(breach.response, Response):  # on_breach's 429 problem body
-                response = breach.response
-    quota = current_quota(limiter)
-    if quota is None:
-        return response
-    response.headers["RateLimit-Limit"] = str(quota.limit)
-    response.headers["RateLimit-Remaining"] = str(quota.remaining)
-    response.headers["RateLimit-Reset"] = str(quota.reset_seconds)
-    if response.status_code == 429:
-        response.headers["Retry-After"] = str(max(quota.reset_seconds, 1))
-    return response
+
+
+def no_prefetch() -> list[str]:
+    """No cache key to read along with the limiter's round trip (the default)."""
+    return []
 
 
 def init_app(app: Flask) -> None:
-    """Flask-Limiter keyed by client name, one budget for all /api/ routes, counted in the cache's Redis
-    (per worker in memory while it is unreachable); failed authentications limited per client IP."""
+    """Count every authenticated /api/ request and every failed authentication; trust X-Forwarded-For only
+    as far as CATALOG_TRUSTED_PROXY_HOPS says."""
     settings = app.config["SETTINGS"]
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
-    guarded: GuardedRedis | None = app.extensions["catalog.redis"]
-    storage: dict[str, Any] = (
-        {"storage_uri": "catalog-redis://", "storage_options": {"guarded": guarded}}
-        if guarded
-        else {"storage_uri": "memory://"}
+    limiter = RateLimiter(
+        WindowCounter(app.extensions["catalog.redis"]), settings.rate_limit, settings.auth_failure_limit
     )
-    limiter = Limiter(
-        key_func=client_name,
-        default_limits=[client_limit],
-        # rate_limit_headers writes them: Reset in seconds, on 401/403 too, Retry-After only on 429.
-        headers_enabled=False,
-        strategy="fixed-window",
-        on_breach=on_breach,
-        request_identifier=lambda: API_SCOPE,
-        **storage,
-    )
-    limiter.request_filter(lambda: not is_api())
-    limiter.init_app(app)
-    app.after_request(lambda response: rate_limit_headers(limiter, response))
-    app.extensions["catalog.auth_failed"] = AuthFailureLimiter(
-        limiter.storage, settings.auth_failure_limit
-    ).hit
+    app.extensions.setdefault("catalog.redis_prefetch", no_prefetch)
+    app.extensions["catalog.auth_failed"] = limiter.limit_auth_failure
+    app.before_request(limiter.limit_client)
+    app.after_request(limiter.headers)

@@ -151,6 +151,10 @@ class ProductService:
         version, body = decode_entry(entry)
         return version, body, status
 
+    def read_ahead(self, product_id: str) -> list[str]:
+        """Cache keys a read of this product will look at first (fetched early, in one round trip)."""
+        return self.cache.read_ahead(product_id) if ID_PATTERN.match(product_id) else []
+
     def list(self, limit: int, cursor: str | None, tag: str | None) -> tuple[bytes, Status]:
         """One page of products in a stable order, with the cursor of the next page."""
         after_id = decode_cursor(cursor) if cursor else None

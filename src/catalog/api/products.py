@@ -82,6 +82,13 @@ def _if_match() -> Precondition | None:
     return lambda version: if_match.is_strong(str(version)) or if_match.star_tag
 
 
+def read_ahead() -> list[str]:
+    """The cache entry a GET of one product will read, fetched in the rate limiter's Redis round trip."""
+    if request.endpoint == "products.get_product" and request.view_args:
+        return service().read_ahead(str(request.view_args["product_id"]))
+    return []
+
+
 @api.get(
     "/products", summary="List products", responses={200: ProductPage, **READ_RESPONSES, 422: ProblemDetail}
 )
