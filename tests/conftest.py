@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,18 @@ def product_body(**overrides: Any) -> dict[str, Any]:
         "tags": ["kitchen"],
     }
     body.update(overrides)
+    return body
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    """An RFC 9457 body with the contract's fields and the response's request id (Flask test client or
+    requests)."""
+    assert response.status_code == status, response.text if hasattr(response, "text") else response.get_data()
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    body = dict(json.loads(response.content if hasattr(response, "content") else response.get_data()))
+    assert body["status"] == status
+    assert {"type", "title", "detail", "request_id"} <= body.keys()
+    assert body["request_id"] == response.headers["X-Request-ID"]
     return body
 
 
@@ -191,6 +203,22 @@ def app(settings: Settings) -> Iterator[Any]:
 def client(app: Any) -> Any:
     """A test client of the app."""
     return app.test_client()
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[[Settings], Any]]:
+    """Build apps and return their test clients; their Redis connections are closed after the test."""
+    apps: list[Any] = []
+
+    def make(settings: Settings) -> Any:
+        apps.append(create_app(settings))
+        return apps[-1].test_client()
+
+    yield make
+    for application in apps:
+        application.extensions["catalog.db"].engine.dispose()
+        if application.extensions["catalog.redis"] is not None:
+            application.extensions["catalog.redis"].client.connection_pool.disconnect()
 
 
 # --- real servers ------------------------------------------------------------------------------------------

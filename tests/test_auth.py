@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import READER_KEY, WRITER_KEY, SecretDir, auth, product_body
+from tests.conftest import READER_KEY, WRITER_KEY, SecretDir, assert_problem, auth, product_body
 
 from catalog import create_app, logs
 from catalog.auth import KeyStore
@@ -88,17 +88,6 @@ def failures(client: Any) -> dict[str, float]:
         reason: metric(client, "catalog_auth_failures_total", reason=reason)
         for reason in ("missing", "invalid", "forbidden")
     }
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    """An RFC 9457 body with the contract's fields and the response's request id."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/problem+json"
-    body = dict(response.get_json())
-    assert body["status"] == status
-    assert {"type", "title", "detail", "request_id"} <= body.keys()
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    return body
 
 
 def create_product(client: Any) -> str:

@@ -15,7 +15,6 @@ import pytest
 import requests
 from tests.conftest import WRITER_KEY, RedisServer, SecretDir, auth, product_body
 
-from catalog import create_app
 from catalog.cache import (
     PREFIX,
     CircuitBreaker,
@@ -72,21 +71,6 @@ def create_product(base_url: str, **fields: Any) -> dict[str, Any]:
 def cache_kind(request: pytest.FixtureRequest) -> str:
     """Which cache a test runs against: a real redis-server, or the in-process cache."""
     return str(request.param)
-
-
-@pytest.fixture
-def make_client() -> Iterator[Callable[[Settings], Any]]:
-    """Build apps and return their test clients; their Redis connections are closed after the test."""
-    apps: list[Any] = []
-
-    def make(settings: Settings) -> Any:
-        apps.append(create_app(settings))
-        return apps[-1].test_client()
-
-    yield make
-    for app in apps:
-        if app.extensions["catalog.redis"] is not None:
-            app.extensions["catalog.redis"].client.connection_pool.disconnect()
 
 
 @pytest.fixture

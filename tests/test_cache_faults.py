@@ -6,7 +6,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from tests.conftest import RedisServer, SecretDir, auth, free_port, product_body
 from tests.test_cache import create_product, metric, server_env
 from tests.tools import require_tool
 
-from catalog import create_app
 from catalog.config import Settings
 
 
@@ -83,21 +82,6 @@ class ReadLoop:
                 )
             except requests.RequestException as error:
                 self.answers.append((url, 0, type(error).__name__, time.monotonic() - started, b""))
-
-
-@pytest.fixture
-def make_client() -> Iterator[Callable[[Settings], Any]]:
-    """Build apps and return their test clients; their Redis connections are closed after the test."""
-    apps: list[Any] = []
-
-    def make(settings: Settings) -> Any:
-        apps.append(create_app(settings))
-        return apps[-1].test_client()
-
-    yield make
-    for app in apps:
-        if app.extensions["catalog.redis"] is not None:
-            app.extensions["catalog.redis"].client.connection_pool.disconnect()
 
 
 @pytest.fixture

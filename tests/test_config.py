@@ -111,31 +111,25 @@ def one_json_line_naming(output: str, variable: str) -> dict[str, object]:
     ],
 )
 def test_gunicorn_refuses_to_start_with_one_json_line(tmp_path: Path, variable: str, value: str) -> None:
-    env = {"PATH": os.environ["PATH"], "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), variable: value}
+    assert_gunicorn_refuses(tmp_path, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), variable: value}, variable)
+
+
+def test_gunicorn_refuses_to_start_without_a_metrics_directory(tmp_path: Path) -> None:
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    assert_gunicorn_refuses(tmp_path, env, "PROMETHEUS_MULTIPROC_DIR")
+
+
+def assert_gunicorn_refuses(directory: Path, env: dict[str, str], variable: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-        cwd=tmp_path,
-        env=env,
+        cwd=directory,
+        env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode != 0
     one_json_line_naming(result.stdout + result.stderr, variable)
-
-
-def test_gunicorn_refuses_to_start_without_a_metrics_directory(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    one_json_line_naming(result.stdout + result.stderr, "PROMETHEUS_MULTIPROC_DIR")
 
 
 def test_the_cli_refuses_a_bad_value_with_one_json_line(tmp_path: Path) -> None:

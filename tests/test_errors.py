@@ -7,22 +7,10 @@ from typing import Any
 import pytest
 import requests
 from sqlalchemy import create_engine, text
-from tests.conftest import SecretDir, auth, product_body
+from tests.conftest import SecretDir, assert_problem, auth, product_body
 
 from catalog.cli import upgrade
 from catalog.config import Settings
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status
-    assert response.headers["Content-Type"] == "application/problem+json"
-    body = dict(
-        response.json() if hasattr(response, "json") and callable(response.json) else response.get_json()
-    )
-    assert body["status"] == status
-    assert body["type"] and body["title"] and body["detail"]
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    return body
 
 
 @pytest.mark.parametrize("path", ["/nowhere", "/api/v2/products", "/api/v1/products/x/y"])

@@ -4,7 +4,7 @@ import re
 from typing import Any
 
 import pytest
-from tests.conftest import READER_KEY, auth, product_body
+from tests.conftest import READER_KEY, assert_problem, auth, product_body
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -23,16 +23,6 @@ def create(client: Any, **overrides: Any) -> dict[str, Any]:
 
 def count(client: Any) -> int:
     return len(client.get("/api/v1/products?limit=100", headers=auth()).get_json()["items"])
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status
-    assert response.mimetype == "application/problem+json"
-    body = dict(response.get_json())
-    assert body["status"] == status
-    assert {"type", "title", "detail", "request_id"} <= body.keys()
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    return body
 
 
 def error_locs(response: Any) -> list[list[Any]]:

@@ -8,19 +8,8 @@ set -euo pipefail
 PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-2.42.0+ds-5+deb12u1}"
 WRK_VERSION="${WRK_VERSION:-4.1.0-3+b2}"
 
-installed_version() { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3 == "installed" {print $4}'; }
-
-# The pinned version if the archive still has it; else (a Debian point release replaced it) the
-# archive's current one for the same suite, loudly, rather than failing the whole CI run.
-pick_version() {
-  local pkg="$1" want="$2"
-  if apt-cache madison "$pkg" 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$want"; then
-    echo "${pkg}=${want}"
-  else
-    echo "WARNING: ${pkg} ${want} is not in the apt archive any more; installing its current version" >&2
-    echo "${pkg}"
-  fi
-}
+# shellcheck source=../lib/apt-pinned.sh
+source "$(dirname "$0")/../lib/apt-pinned.sh"
 
 stop_packaged_prometheus() {
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

@@ -12,28 +12,10 @@ PODMAN_VERSION="${PODMAN_VERSION:-4.3.1+ds1-8+deb12u1+b3}"
 RUNC_VERSION="${RUNC_VERSION:-1.1.5+ds1-1+deb12u1}"
 DEBOOTSTRAP_VERSION="${DEBOOTSTRAP_VERSION:-1.0.128+nmu2+deb12u2}"
 
-installed_version() { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3 == "installed" {print $4}'; }
+# shellcheck source=../lib/apt-pinned.sh
+source "$(dirname "$0")/../lib/apt-pinned.sh"
 
-# The pinned version if the archive still has it; else (a Debian point release replaced it) the
-# archive's current one for the same suite, loudly, rather than failing the whole CI run.
-pick_version() {
-  local pkg="$1" want="$2"
-  if apt-cache madison "$pkg" 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$want"; then
-    echo "${pkg}=${want}"
-  else
-    echo "WARNING: ${pkg} ${want} is not in the apt archive any more; installing its current version" >&2
-    echo "${pkg}"
-  fi
-}
-
-wanted=()
-[ "$(installed_version podman)" = "${PODMAN_VERSION}" ] || wanted+=("$(pick_version podman "${PODMAN_VERSION}")")
-[ "$(installed_version runc)" = "${RUNC_VERSION}" ] || wanted+=("$(pick_version runc "${RUNC_VERSION}")")
-[ "$(installed_version debootstrap)" = "${DEBOOTSTRAP_VERSION}" ] \
-  || wanted+=("$(pick_version debootstrap "${DEBOOTSTRAP_VERSION}")")
-if [ "${#wanted[@]}" -gt 0 ]; then
-  apt-get install -y -qq --no-install-recommends "${wanted[@]}"
-fi
+install_pinned "podman=${PODMAN_VERSION}" "runc=${RUNC_VERSION}" "debootstrap=${DEBOOTSTRAP_VERSION}"
 
 # set_toml_key FILE SECTION KEY VALUE: make `KEY = VALUE` the (only) setting of KEY in [SECTION] of
 # FILE, keeping every other line as it is: replaces an active setting, else adds it right under the
