@@ -7,26 +7,25 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flask_openapi3.openapi import OpenAPI
-
+    from catalog.application import CatalogApp
     from catalog.config import Settings
 
 MAX_BODY_BYTES = 1024 * 1024
 
 
-def create_app(settings: Settings | None = None) -> OpenAPI:
+def create_app(settings: Settings | None = None) -> CatalogApp:
     """Build the app: logs and errors first, then what a request meets: auth, limits, routes, service."""
     # Imported here so that `catalog.config` and `catalog.logs` load without the metrics modules, which
     # need PROMETHEUS_MULTIPROC_DIR to exist (gunicorn.conf.py checks it first).
     from flask_openapi3.models.info import Info
-    from flask_openapi3.openapi import OpenAPI
 
     from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products
     from catalog.api.schemas import ProblemDetail
+    from catalog.application import CatalogApp
     from catalog.config import Settings
 
     settings = settings or Settings.from_env()
-    app = OpenAPI(
+    app = CatalogApp(
         __name__,
         info=Info(
             title="catalog",
