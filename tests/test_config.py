@@ -34,7 +34,7 @@ def test_every_variable_overrides(tmp_path: Path) -> None:
             "CATALOG_THREADS": "8",
             "CATALOG_DATABASE_URL": "postgresql://catalog@db:5432/catalog",
             "CATALOG_DATABASE_PASSWORD_FILE": str(password),
-            "CATALOG_REDIS_URL": "rediss://:pw@cache:6380/2",
+            "CATALOG_REDIS_URL": "rediss://:pw@cache:6380/2?ssl_ca_certs=/etc/ssl/ca.pem&ssl_cert_reqs=required",
             "CATALOG_REDIS_PASSWORD_FILE": str(password),
             "CATALOG_CACHE_TTL_SECONDS": "5",
             "CATALOG_API_KEYS_DIR": "/keys",
@@ -46,7 +46,7 @@ def test_every_variable_overrides(tmp_path: Path) -> None:
         }
     )
     assert (settings.port, settings.web_concurrency, settings.threads) == (9000, 3, 8)
-    assert settings.redis_url == "rediss://:pw@cache:6380/2" and settings.cache_ttl_seconds == 5
+    assert settings.redis_url.startswith("rediss://:pw@cache:6380/2?") and settings.cache_ttl_seconds == 5
     assert (settings.api_keys_dir, settings.api_key_header) == ("/keys", "X-Catalog-Key")
     assert (settings.rate_limit, settings.auth_failure_limit) == ("10/second; 100/minute", "5/minute")
     assert (settings.trusted_proxy_hops, settings.log_level) == (2, "DEBUG")
@@ -78,6 +78,9 @@ def test_the_password_file_overrides_the_urls_password(tmp_path: Path) -> None:
         ("CATALOG_REDIS_URL", "http://cache:6379"),
         ("CATALOG_REDIS_URL", "redis://cache:port/0"),
         ("CATALOG_REDIS_URL", "redis://cache:6379/zero"),
+        ("CATALOG_REDIS_URL", "redis://cache:6379/0?socket_timeout=soon"),
+        ("CATALOG_REDIS_URL", "redis://cache:6379/0?colour=blue"),
+        ("CATALOG_REDIS_URL", "rediss://cache:6380/0?ssl_cert_reqs=maybe"),
         ("CATALOG_REDIS_PASSWORD_FILE", "/nonexistent/password"),
         ("CATALOG_DATABASE_PASSWORD_FILE", "/nonexistent/password"),
         ("CATALOG_API_KEY_HEADER", "X Api Key"),

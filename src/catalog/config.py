@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from urllib.parse import urlsplit
 
 from limits import parse_many
+from redis.connection import Connection, parse_url
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -113,7 +115,29 @@ def _redis_url(raw: str | None) -> str | None:
     database = parts.path.lstrip("/")
     if database and not database.isdigit():
         raise ConfigError(name, "the database number must be an integer")
+    try:
+        options = parse_url(raw)  # type: ignore[no-untyped-call]
+    except ValueError as error:
+        raise ConfigError(name, str(error)) from None
+    connection_class = options.pop("connection_class", Connection)
+    unknown = set(options) - _connection_options(connection_class)
+    if unknown:
+        raise ConfigError(name, f"unknown option(s) {', '.join(sorted(unknown))}")
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise ConfigError(name, "ssl_cert_reqs must be none, optional or required")
     return raw
+
+
+def _connection_options(connection_class: type) -> set[str]:
+    """The keyword arguments a redis-py connection class takes (its own and its bases')."""
+    names: set[str] = set()
+    for klass in connection_class.__mro__:
+        if "__init__" in vars(klass):
+            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            names |= {
+                p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+            }
+    return names - {"self"}
 
 
 def _file(env: Mapping[str, str], name: str) -> str | None:
