@@ -1,6 +1,7 @@
 """Every error is an RFC 9457 problem body with the request id; HTTP errors keep their status; an
 unhandled exception is a bare 500 and exactly one ERROR line with the traceback."""
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import requests
 from sqlalchemy import create_engine, text
 from tests.conftest import SecretDir, assert_problem, auth, product_body
 
+from catalog import create_app
 from catalog.cli import upgrade
 from catalog.config import Settings
 
@@ -82,3 +84,16 @@ def test_an_unhandled_exception_is_a_bare_500_and_one_error_line(broken_server: 
         line for line in lines if line["logger"] == "catalog.access" and line.get("request_id") == "boom-1"
     ]
     assert [line["status"] for line in access] == [500]
+
+
+def test_an_unreachable_database_is_a_503_not_a_bug(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = dataclasses.replace(settings, database_url="postgresql://nobody@127.0.0.1:1/none")
+    app = create_app(unreachable)
+    response = app.test_client().get("/api/v1/products", headers=auth())
+    body = assert_problem(response, 503)
+    assert response.headers["Retry-After"] == "5"
+    assert "127.0.0.1" not in body["detail"] and "nobody" not in response.get_data(as_text=True)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    app.extensions["catalog.db"].engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -34,10 +35,20 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from catalog.config import Settings, database_url_with_password
+from catalog.errors import Problem
 from catalog.metrics import DB_QUERIES
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(Problem):
+    """The database cannot be reached right now."""
+
+    status, slug, title = 503, "database-unavailable", "Database unavailable"
+
 
 metadata = MetaData()
 
@@ -125,9 +136,22 @@ class Database:
         self.engine.dispose(close=False)
 
     @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A pooled connection; a database that cannot be reached is a 503 for the client, not a 500."""
+        try:
+            connection = self.engine.connect()
+        except OperationalError as error:
+            log.warning("database unreachable", extra={"error_type": type(error.orig).__name__})
+            raise DatabaseUnavailable(
+                "The database does not answer at the moment; retry shortly.", headers={"Retry-After": "5"}
+            ) from None
+        with connection:
+            yield connection
+
+    @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection inside one transaction, committed on success."""
-        with self.engine.begin() as connection:
+        with self.connect() as connection, connection.begin():
             yield connection
 
     def ping(self) -> None:
@@ -138,7 +162,7 @@ class Database:
 
     def get_product(self, product_id: str) -> dict[str, Any] | None:
         """One product row, or None."""
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(select(products).where(products.c.id == product_id)).mappings().first()
         DB_QUERIES.labels(operation="get_product").inc()
         return dict(row) if row else None
@@ -152,7 +176,7 @@ class Database:
             query = query.where(
                 exists().where(product_tags.c.product_id == products.c.id, product_tags.c.tag == tag)
             )
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             rows = connection.execute(query).mappings().all()
         DB_QUERIES.labels(operation="list_products").inc()
         return [dict(row) for row in rows]
@@ -202,7 +226,7 @@ class Database:
             idempotency_keys.c.key == key,
             idempotency_keys.c.created_at > utcnow() - IDEMPOTENCY_WINDOW,
         )
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(query).mappings().first()
         DB_QUERIES.labels(operation="get_idempotency_key").inc()
         return dict(row) if row else None
