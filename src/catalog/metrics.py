@@ -25,7 +25,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Request latencies of this service are 1-100 ms; the buckets resolve that range and flag the tail.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-UNTRACKED_PATHS = [r"^/livez$", r"^/healthz$", r"^/readyz$", r"^/metrics$"]
+# One pattern, matched once per request (the exporter tries each of a list in turn).
+UNTRACKED_PATHS = [r"^/(?:livez|healthz|readyz|metrics)$"]
 # Any token is a valid HTTP method: the request metrics name the standard ones and count every other
 # as `_OTHER` (OpenTelemetry's convention), so clients cannot mint label values with made-up methods.
 STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
