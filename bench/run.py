@@ -372,6 +372,13 @@ class Context:
     product_id: str
 
 
+def setup_step(what: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+    """Run a one-off command a server needs before it starts; BenchError with its output if it fails."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+
 def start_bare(ctx: Context) -> list[Target]:
     port = free_port()
     env = base_env(port, ctx.tmp / "metrics-bare")
@@ -409,17 +416,7 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
 
     port = free_port()
     env = catalog_env(ctx, port, 60, "cached")
-    migrate = subprocess.run(
-        [str(cli), "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if migrate.returncode != 0:
-        raise BenchError(f"catalog db upgrade failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-2000:]}")
+    setup_step("catalog db upgrade", [str(cli), "db", "upgrade"], ROOT, env)
     base = f"http://127.0.0.1:{port}"
     process = ctx.stack.enter_context(
         running("catalog", [str(gunicorn), *gunicorn_args(port)], env, ROOT, ctx.tmp)
@@ -465,17 +462,7 @@ def start_obvious(ctx: Context) -> list[Target]:
         CATALOG_CACHE_TTL_SECONDS="60",
         CATALOG_RATE_LIMIT="1000000/second",
     )
-    init = subprocess.run(
-        [ctx.python, "obvious_app.py", "--init-db", ctx.product_id],
-        cwd=BENCH,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if init.returncode != 0:
-        raise BenchError(f"obvious: --init-db failed:\n{init.stderr[-2000:]}")
+    setup_step("obvious: --init-db", [ctx.python, "obvious_app.py", "--init-db", ctx.product_id], BENCH, env)
     base = f"http://127.0.0.1:{port}"
     cmd = [ctx.python, "-m", "gunicorn", *gunicorn_args(port), "obvious_app:app"]
     process = ctx.stack.enter_context(running("obvious", cmd, env, BENCH, ctx.tmp))

@@ -323,5 +323,4 @@ def authenticate_request() -> None:
 def init_app(app: Flask) -> None:
     """Load the keys and check every /api/ request."""
     app.extensions["catalog.keys"] = KeyStore(app.config["SETTINGS"].api_keys_dir)
-    app.extensions.setdefault("catalog.auth_failed", lambda reason: None)
     app.before_request(authenticate_request)

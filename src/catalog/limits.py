@@ -167,11 +167,6 @@ class RateLimiter:
         return response
 
 
-def no_prefetch() -> list[str]:
-    """No cache key to read along with the limiter's round trip (the default)."""
-    return []
-
-
 def init_app(app: Flask) -> None:
     """Count every authenticated /api/ request and every failed authentication; trust X-Forwarded-For only
     as far as CATALOG_TRUSTED_PROXY_HOPS says."""
@@ -181,7 +176,6 @@ def init_app(app: Flask) -> None:
     limiter = RateLimiter(
         WindowCounter(app.extensions["catalog.redis"]), settings.rate_limit, settings.auth_failure_limit
     )
-    app.extensions.setdefault("catalog.redis_prefetch", no_prefetch)
     app.extensions["catalog.auth_failed"] = limiter.limit_auth_failure
     app.before_request(limiter.limit_client)
     app.after_request(limiter.headers)
