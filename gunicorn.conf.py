@@ -18,7 +18,7 @@ except ConfigError as error:
     )
     sys.exit(2)
 
-from catalog import metrics
+from catalog import metrics, tracing
 from catalog.cache import BOARD_ENV
 
 wsgi_app = "catalog:create_app()"
@@ -60,9 +60,16 @@ def on_exit(server):
 
 
 def post_fork(server, worker):
-    """A preloaded app's connection pools must not be shared with the parent."""
+    """A preloaded app's connection pools must not be shared with the parent; the worker's own tracer
+    provider and exporter (when tracing is on)."""
     if server.cfg.preload_app:
         worker.app.wsgi().extensions["catalog.db"].dispose()
+    tracing.start_worker(settings)
+
+
+def worker_exit(server, worker):
+    """The worker's requests have drained: export its last spans."""
+    tracing.stop_worker()
 
 
 def child_exit(server, worker):

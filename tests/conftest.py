@@ -48,6 +48,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def poll(condition: Callable[[], Any], timeout: float, message: str) -> Any:
+    """`condition()`'s first truthy value within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(message)
+
+
 def auth(key: str = WRITER_KEY) -> dict[str, str]:
     """Headers that authenticate as the client owning `key`."""
     return {"X-Api-Key": key}

@@ -96,6 +96,49 @@ def test_a_bad_value_is_an_error_naming_the_variable(variable: str, value: str) 
     assert raised.value.variable == variable
 
 
+OTLP = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+
+
+@pytest.mark.parametrize(
+    ("env", "enabled"),
+    [
+        ({}, False),
+        (OTLP, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector:4318/v1/traces"}, True),
+        ({**OTLP, "OTEL_SDK_DISABLED": "true"}, False),
+        ({**OTLP, "OTEL_TRACES_EXPORTER": "none"}, False),
+        (
+            {**OTLP, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+            True,
+        ),
+        ({**OTLP, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, True),
+    ],
+)
+def test_tracing_is_on_when_an_otlp_endpoint_is_set(env: dict[str, str], enabled: bool) -> None:
+    assert Settings.from_env(env).tracing_enabled is enabled
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:port"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+        ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_TRACES_SAMPLER_ARG", "half"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+    ],
+)
+def test_a_bad_tracing_value_is_an_error_naming_the_variable(variable: str, value: str) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_SAMPLER": "traceidratio"}
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({**env, variable: value})
+    assert raised.value.variable == variable
+
+
 def one_json_line_naming(output: str, variable: str) -> dict[str, object]:
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, output

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 import requests
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import DEFAULT_KEYS, READER_KEY, RedisServer, SecretDir, auth, product_body
+from tests.conftest import DEFAULT_KEYS, READER_KEY, RedisServer, SecretDir, auth, poll, product_body
 
 from catalog import create_app
 from catalog.config import Settings
@@ -75,17 +74,6 @@ def counters(redis_server: RedisServer) -> dict[str, int]:
     """Every rate-limit counter in Redis."""
     client = redis_server.client()
     return {key.decode(): int(client.get(key) or 0) for key in client.scan_iter(f"{KEY_PREFIX}*")}
-
-
-def poll(condition: Callable[[], Any], timeout: float, message: str) -> Any:
-    """`condition()`'s first truthy value within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(message)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     # need PROMETHEUS_MULTIPROC_DIR to exist (gunicorn.conf.py checks it first).
     from flask_openapi3.models.info import Info
 
-    from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products
+    from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products, tracing
     from catalog.api.schemas import ProblemDetail
     from catalog.application import CatalogApp
     from catalog.config import Settings
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     products.init_app(app)
     api.init_app(app)
     health.init_app(app)
+    tracing.init_app(app)
     log = logging.getLogger(__name__)
     log.info("catalog app ready", extra={"pid": os.getpid(), "version": settings.version})
     return app

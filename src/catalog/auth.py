@@ -299,7 +299,7 @@ def authenticate_request() -> None:
     key = presented_key(header)
     client = store.authenticate(key) if key else None
     if client is None:
-        reason = "invalid" if key else "missing"
+        reason = g.auth_failure = "invalid" if key else "missing"
         AUTH_FAILURES.labels(reason=reason).inc()
         current_app.extensions["catalog.auth_failed"](reason)
         if key:  # RFC 6750 section 3: an error code only when credentials were sent
@@ -313,7 +313,8 @@ def authenticate_request() -> None:
     g.client = client
     needed = "read" if request.method in READ_METHODS else "write"
     if needed not in client.scopes:
-        AUTH_FAILURES.labels(reason="forbidden").inc()
+        reason = g.auth_failure = "forbidden"
+        AUTH_FAILURES.labels(reason=reason).inc()
         raise Forbidden(
             f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
             headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},

@@ -16,6 +16,15 @@ from sqlalchemy.exc import ArgumentError
 
 DEFAULT_API_KEYS_DIR = "/var/run/secrets/catalog/api-keys"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# The samplers the OpenTelemetry SDK builds from OTEL_TRACES_SAMPLER (ratios in OTEL_TRACES_SAMPLER_ARG).
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 
 
 class ConfigError(ValueError):
@@ -45,6 +54,7 @@ class Settings:
     auth_failure_limit: str = "30/minute"
     trusted_proxy_hops: int = 0
     log_level: str = "INFO"
+    tracing_enabled: bool = False
     version: str = field(default_factory=lambda: _package_version())
     commit: str = "unknown"
 
@@ -67,6 +77,7 @@ class Settings:
             auth_failure_limit=_rate_limit(env, "CATALOG_AUTH_FAILURE_LIMIT", "30/minute"),
             trusted_proxy_hops=_integer(env, "CATALOG_TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
             log_level=_log_level(env.get("CATALOG_LOG_LEVEL") or "INFO"),
+            tracing_enabled=_tracing_enabled(env),
             version=_package_version(),
             commit=env.get("CATALOG_COMMIT") or "unknown",
         )
@@ -170,6 +181,47 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError("CATALOG_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def _tracing_enabled(env: Mapping[str, str]) -> bool:
+    """Traces are exported when an OTLP endpoint is set (and the SDK is not disabled); the OTEL_* values
+    the SDK would otherwise only warn about, or quietly replace with a default, stop start-up here."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip() or "otlp"
+    if exporter not in ("otlp", "none"):
+        raise ConfigError("OTEL_TRACES_EXPORTER", "must be otlp or none")
+    endpoints = [
+        name
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if env.get(name, "").strip()
+    ]
+    if exporter == "none" or not endpoints:
+        return False
+    for name in endpoints:
+        try:
+            parts = urlsplit(env[name].strip())
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError:
+            raise ConfigError(name, "is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, "must be an http:// or https:// URL of an OTLP/HTTP receiver (port 4318)")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = env.get(name, "").strip()
+        if protocol and protocol != "http/protobuf":
+            raise ConfigError(name, "must be http/protobuf: catalog exports OTLP over HTTP (port 4318)")
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip()
+    if sampler and sampler not in SAMPLERS:
+        raise ConfigError("OTEL_TRACES_SAMPLER", f"must be one of {', '.join(SAMPLERS)}")
+    if sampler.endswith("traceidratio"):
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be a ratio between 0 and 1, got {raw[:40]!r}")
+    return True
 
 
 def _package_version() -> str:

@@ -11,6 +11,8 @@ from flask import Flask, Response, g, json
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from catalog import tracing
+
 PROBLEM_MIMETYPE = "application/problem+json"
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def _handle_http_exception(error: HTTPException) -> Response | HTTPException:
 
 
 def _handle_unexpected(error: Exception) -> Response:
+    tracing.record_exception(error)
     log.error(
         "unhandled exception while serving the request",
         exc_info=error,

@@ -12,6 +12,8 @@ from typing import Any
 from flask import Flask, Response, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
 
+from catalog import tracing
+
 ACCESS_LOGGER = "catalog.access"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -40,13 +42,17 @@ class JsonLineFormatter(JsonFormatter):
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds the serving request's id to every line logged while it is served."""
+    """Adds the serving request's id, and its trace's ids, to every line logged while it is served."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id") and has_request_context():
-            request_id = g.get("request_id")
-            if request_id is not None:
-                record.request_id = request_id
+        if has_request_context():
+            if not hasattr(record, "request_id"):
+                request_id = g.get("request_id")
+                if request_id is not None:
+                    record.request_id = request_id
+            trace_ids = tracing.log_ids()
+            if trace_ids is not None:
+                record.trace_id, record.span_id = trace_ids
         return True
 
 

@@ -1,0 +1,178 @@
+"""Traces over OTLP, off unless an endpoint is set, and the trace ids that log lines of a request carry.
+
+Off, nothing of OpenTelemetry is imported or run per request: the only work left is the log filter's
+look at a `traceparent` header, so that lines still join the caller's trace. On, each gunicorn worker
+(`post_fork`) gets its own tracer provider, `service.instance.id` and batching OTLP/HTTP exporter, flushed
+when the worker exits; the app gets a span per request named by URL rule, with Redis commands and SQL
+statements as child spans and the auth, rate-limit and cache decisions as attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, g, request
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span
+
+    from catalog.config import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "catalog"
+# Probes and scrapes would be most spans and tell nothing (OTEL_PYTHON_FLASK_EXCLUDED_URLS overrides).
+EXCLUDED_URLS = "/livez,/healthz,/readyz,/metrics"
+# A worker that exits gives its last batch this long to reach the collector.
+FLUSH_MILLIS = 5000
+# W3C Trace Context: version (not ff), trace id and parent id (not all zeros), flags.
+TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?"
+)
+
+# Set when this process traces (`init_app` with tracing enabled): the current span's getter.
+_current_span: Callable[[], Span] | None = None
+_provider: TracerProvider | None = None
+
+
+def log_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) for a line logged while serving a request: the request's span when tracing
+    is on, else the caller's `traceparent` (its trace and span), else None."""
+    if _current_span is not None:
+        context = _current_span().get_span_context()
+        if context.is_valid:
+            return format(context.trace_id, "032x"), format(context.span_id, "016x")
+    header = request.environ.get("HTTP_TRACEPARENT")
+    if header is None:
+        return None
+    match = TRACEPARENT.fullmatch(header)
+    return (match[1], match[2]) if match else None
+
+
+def record_exception(error: BaseException) -> None:
+    """Put an unhandled exception on the request's span, with status ERROR."""
+    if _current_span is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    span = _current_span()
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+def start_worker(settings: Settings) -> None:
+    """In a gunicorn worker (`post_fork`): this process's tracer provider and OTLP exporter (an exporter
+    made before the fork would have its batching thread left behind in the master).
+
+    The SDK reads the standard variables itself: OTEL_TRACES_SAMPLER(_ARG) (default parentbased_always_on),
+    OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME and OTEL_EXPORTER_OTLP_* (endpoint, headers, timeout,
+    compression, certificate)."""
+    global _provider
+    if not settings.tracing_enabled:
+        return
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create(
+        {
+            "service.instance.id": str(uuid.uuid4()),
+            "service.version": settings.version,
+            "process.pid": os.getpid(),
+        }
+    )
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+    _provider = TracerProvider(resource=resource)
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(_provider)
+
+
+def stop_worker() -> None:
+    """When a worker exits (`worker_exit`, after its requests drained): export every finished span."""
+    global _provider
+    if _provider is None:
+        return
+    if not _provider.force_flush(FLUSH_MILLIS):
+        log.warning("spans not exported before exit", extra={"timeout_ms": FLUSH_MILLIS})
+    _provider.shutdown()
+    _provider = None
+
+
+def _name_unrouted(span: Span, environ: dict[str, Any]) -> None:
+    """A request no route matched is named by its method alone, not by a path anyone can vary."""
+    if request.url_rule is None and span.is_recording():
+        span.update_name(request.method)
+
+
+def _record_decisions(response: Response) -> Response:
+    """The request's auth, rate-limit and cache decisions on its span (client names, never keys)."""
+    assert _current_span is not None
+    span = _current_span()
+    if not span.is_recording():
+        return response
+    client = g.get("client")
+    if client is not None:
+        span.set_attribute("catalog.client", client.name)
+    if request.path.startswith("/api/"):
+        span.set_attribute("catalog.auth.result", g.get("auth_failure") or "ok")
+    quota = g.get("rate_limit_quota")
+    if quota is not None:
+        span.set_attribute("catalog.rate_limit.limit", quota.limit)
+        span.set_attribute("catalog.rate_limit.remaining", max(quota.remaining, 0))
+        span.set_attribute("catalog.rate_limit.exceeded", quota.remaining < 0)
+    cache = response.headers.get("X-Cache")
+    if cache is not None:
+        span.set_attribute("catalog.cache.result", cache)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """When tracing is enabled: a span per request, around every other hook; Redis and SQL child spans."""
+    global _current_span
+    settings: Settings = app.config["SETTINGS"]
+    if not settings.tracing_enabled:
+        _current_span = None
+        return
+    from opentelemetry import metrics, trace
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_version
+
+    _current_span = trace.get_current_span
+    FlaskInstrumentor.instrument_app(  # type: ignore[no-untyped-call]
+        app,
+        request_hook=_name_unrouted,
+        excluded_urls=os.environ.get("OTEL_PYTHON_FLASK_EXCLUDED_URLS", EXCLUDED_URLS),
+        enable_commenter=False,
+    )
+    # The span must be open before auth and the rate limiter run (their Redis calls are its children,
+    # and a hook that answers 401 or 429 skips the hooks after it), and the decisions are read after
+    # every other after_request hook made them: first in both lists (after_request hooks run reversed).
+    before = app.before_request_funcs.setdefault(None, [])
+    before.insert(0, before.pop(before.index(app._before_request)))  # type: ignore[attr-defined]
+    app.after_request_funcs.setdefault(None, []).insert(0, _record_decisions)
+
+    # A span per SQL statement, from the engine's events. Not through SQLAlchemyInstrumentor().instrument:
+    # it declares `sqlalchemy<2.1` and, past that check, imports sqlalchemy.ext.asyncio, which 2.1 cannot
+    # without greenlet; it would also patch create_engine and Engine.connect for the whole process. The
+    # engine tracer it would return is the part needed; tests/test_tracing.py proves the SQL spans.
+    EngineTracer(  # type: ignore[no-untyped-call]
+        trace.get_tracer(EngineTracer.__module__, sqlalchemy_version),
+        app.extensions["catalog.db"].engine,
+        # Connection-pool usage is a metric; catalog's metrics are Prometheus', so this one goes nowhere.
+        metrics.get_meter(__name__).create_up_down_counter("db.client.connections.usage"),
+    )
+    guarded = app.extensions["catalog.redis"]
+    if guarded is not None:
+        # Commands are recorded as `SET ? ?`: no key, value or password reaches a span.
+        RedisInstrumentor.instrument_client(guarded.client)
