@@ -1,5 +1,6 @@
 """The OpenAPI 3.1 document covers every /api/v1 operation, with problem+json errors and the key scheme."""
 
+import re
 from typing import Any
 
 import pytest
@@ -61,8 +62,21 @@ def test_request_rules_are_in_the_schema(spec: dict[str, Any]) -> None:
     assert "Idempotency-Key" in headers
 
 
-def test_docs_page_lists_the_operations(client: Any) -> None:
+def test_docs_is_swagger_ui_from_local_files_under_a_strict_policy(client: Any) -> None:
     response = client.get("/docs")
     assert response.status_code == 200 and response.mimetype == "text/html"
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in response.headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'" and policy["script-src"] == "'self'"
+    assert policy["style-src"] == "'self'" and policy["connect-src"] == "'self'"
     page = response.get_data(as_text=True)
-    assert "/api/v1/products/{product_id}" in page and "/openapi.json" in page
+    assert "<script>" not in page and "<style" not in page and "http" not in page
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(source.startswith("docs/") for source in sources)
+    for source in sources:
+        asset = client.get(f"/{source}")
+        assert asset.status_code == 200 and asset.content_length > 0, source
+        asset.close()
+    assert "openapi.json" in client.get("/docs/init.js").get_data(as_text=True)

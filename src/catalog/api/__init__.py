@@ -1,15 +1,15 @@
-"""The /api/v1 surface, its OpenAPI 3.1 document (/openapi.json) and a readable page of it (/docs)."""
+"""The /api/v1 surface, its OpenAPI 3.1 document (/openapi.json) and the interactive page of it (/docs)."""
 
 from __future__ import annotations
 
 import copy
-import html
 from typing import Any
 
 from flask import Response, current_app, json
 from flask_openapi3.openapi import OpenAPI
 from pydantic import ValidationError
 
+from catalog.api import docs
 from catalog.api.products import api, read_ahead
 from catalog.api.schemas import LOCATION_OF_MODEL, ProductPatch
 from catalog.errors import PROBLEM_MIMETYPE, validation_problem
@@ -114,38 +114,9 @@ def _openapi_json() -> Response:
     return Response(document, mimetype="application/json")
 
 
-def _docs() -> Response:
-    spec = json.loads(_openapi_json().get_data())
-    rows = []
-    for path, item in spec["paths"].items():
-        for method, operation in item.items():
-            statuses = ", ".join(sorted(operation.get("responses", {})))
-            parameters = ", ".join(p["name"] for p in operation.get("parameters", []))
-            rows.append(
-                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
-                f"<td>{html.escape(operation.get('summary', ''))}<br><small>"
-                f"{html.escape(operation.get('description', ''))}</small></td>"
-                f"<td>{html.escape(parameters)}</td><td>{statuses}</td></tr>"
-            )
-    info = spec["info"]
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(info["title"])} API</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}
-td,th{{padding:.4rem;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}}
-table{{border-collapse:collapse}}</style></head>
-<body><h1>{html.escape(info["title"])} {html.escape(info["version"])}</h1>
-<p>{html.escape(info.get("description", ""))}</p>
-<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI {html.escape(spec["openapi"])}).
-Send the API key in <code>{html.escape(current_app.config["SETTINGS"].api_key_header)}</code> or as
-<code>Authorization: Bearer &lt;key&gt;</code>. Errors are <code>application/problem+json</code>.</p>
-<table><tr><th>Method</th><th>Path</th><th>What</th><th>Headers and parameters</th><th>Answers</th></tr>
-{"".join(rows)}</table></body></html>"""
-    return Response(page, mimetype="text/html")
-
-
 def init_app(app: OpenAPI) -> None:
     """Register the API routes, /openapi.json and /docs."""
     app.register_api(api)
     app.extensions["catalog.redis_prefetch"] = read_ahead
     app.add_url_rule("/openapi.json", "openapi", _openapi_json)
-    app.add_url_rule("/docs", "docs", _docs)
+    docs.init_app(app)
