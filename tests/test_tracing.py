@@ -11,12 +11,9 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
-from tests.conftest import READER_KEY, WRITER_KEY, RedisServer, SecretDir, auth, product_body
+from tests.conftest import READER_KEY, ROOT, WRITER_KEY, RedisServer, SecretDir, auth, product_body
+from tests.failing_app import FAILING_PATH
 from tests.otlp_receiver import OtlpReceiver, Span
-
-from catalog.cli import upgrade
-from catalog.config import Settings
 
 REDIS_PASSWORD = "redis-password-" + secrets.token_hex(8)
 UNKNOWN_ID = "0" * 26
@@ -32,14 +29,6 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture
-def own_database(tmp_path: Path) -> str:
-    """A migrated SQLite file of this test's own (the 500 test drops a table of it)."""
-    url = f"sqlite:///{tmp_path / 'traced.db'}"
-    upgrade(Settings(database_url=url))
-    return url
-
-
-@pytest.fixture
 def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path, password=REDIS_PASSWORD)
     yield server
@@ -50,19 +39,20 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
 def traced(
     gunicorn: Any,
     receiver: OtlpReceiver,
-    own_database: str,
+    database_url: str,
     keys_dir: SecretDir,
     redis_with_password: RedisServer,
     tmp_path: Path,
 ) -> Any:
-    """Start catalog with Redis (password from a file) and tracing to the receiver: `traced(**env)`."""
+    """Start catalog with Redis (password from a file) and tracing to the receiver: `traced(**env)`; it is
+    tests/failing_app.py's catalog, which has one route that raises."""
     password_file = tmp_path / "redis-password"
     password_file.write_text(REDIS_PASSWORD)
 
     def start(**env: str) -> Any:
         return gunicorn(
             {
-                "CATALOG_DATABASE_URL": own_database,
+                "CATALOG_DATABASE_URL": database_url,
                 "CATALOG_API_KEYS_DIR": str(keys_dir.path),
                 "CATALOG_REDIS_URL": redis_with_password.url,
                 "CATALOG_REDIS_PASSWORD_FILE": str(password_file),
@@ -70,7 +60,8 @@ def traced(
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
                 **env,
-            }
+            },
+            ("--pythonpath", str(ROOT), "tests.failing_app:create_app()"),
         )
 
     return start
@@ -117,9 +108,7 @@ def statement(span: Span) -> str:
     return str(span.attributes.get("db.statement", span.attributes.get("db.query.text", "")))
 
 
-def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(
-    traced: Any, receiver: OtlpReceiver, own_database: str
-) -> None:
+def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receiver: OtlpReceiver) -> None:
     server = traced()
     with requests.Session() as session:
         created = session.post(
@@ -169,19 +158,13 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(
     root, children = trace_of(server, receiver, unrouted)
     assert (root.name, status_code(root), children) == ("GET", 404, [])
 
-    # A forced failure inside the app: the tags table is gone, so a page filtered by tag cannot be read.
-    engine = create_engine(own_database)
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE product_tags"))
-    engine.dispose()
-    failed = requests.get(f"{server.url}/api/v1/products?tag=kitchen", headers=auth(), timeout=10)
+    failed = requests.get(f"{server.url}{FAILING_PATH}", timeout=10)
     assert failed.status_code == 500
     root, children = trace_of(server, receiver, failed)
-    assert (root.name, status_code(root), root.status) == ("GET /api/v1/products", 500, "STATUS_CODE_ERROR")
+    assert (root.name, status_code(root), root.status) == (f"GET {FAILING_PATH}", 500, "STATUS_CODE_ERROR")
     ((_name, exception),) = [event for event in root.events if event[0] == "exception"]
-    assert exception["exception.type"].endswith("OperationalError")
+    assert exception["exception.type"].endswith("ForcedFailure")
     assert "Traceback" in exception["exception.stacktrace"]
-    assert [span.status for span in of_system(children, "sqlite")][-1] == "STATUS_CODE_ERROR"
     (error_line,) = [line for line in server.log_lines() if line["level"] == "ERROR"]
     assert (error_line["trace_id"], error_line["span_id"]) == (root.trace_id, root.span_id)
 
