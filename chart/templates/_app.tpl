@@ -14,9 +14,26 @@ env:
   - name: CATALOG_REDIS_PASSWORD_FILE
     value: /var/run/secrets/catalog/redis/password
   {{- end }}
+  {{- if .Values.tracing.enabled }}
+  {{- /* Which pod a span comes from (each gunicorn worker adds its own service.instance.id). */}}
+  - name: K8S_POD_NAME
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.name
+  - name: OTEL_RESOURCE_ATTRIBUTES
+    value: {{ list (printf "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=%s,k8s.deployment.name=%s" .Release.Namespace (include "catalog.fullname" .)) (include "catalog.tracing.extraAttributes" .) | compact | join "," | quote }}
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end -}}
+
+{{- define "catalog.tracing.extraAttributes" -}}
+{{- $pairs := list }}
+{{- range $name, $value := .Values.tracing.resourceAttributes }}
+{{- $pairs = append $pairs (printf "%s=%s" $name $value) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end -}}
 
 {{- define "catalog.appVolumeMounts" -}}

@@ -28,6 +28,8 @@ import yaml
 from tests import k8s_hardening as hardening
 from tests.tools import require_tool
 
+from catalog.config import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
 OBSERVABILITY = ROOT / "observability"
@@ -449,6 +451,7 @@ def test_defaults_scenario(renders: Renders) -> None:
     assert env["CATALOG_DATABASE_PASSWORD_FILE"] == "/var/run/secrets/catalog/database/password"
     assert env["CATALOG_REDIS_PASSWORD_FILE"] == "/var/run/secrets/catalog/redis/password"
     assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
+    assert not [name for name in env if name.startswith(("OTEL_", "K8S_"))], "tracing is off by default"
     deployment = hardening.app_deployment(docs)
     assert deployment["metadata"]["name"] == RELEASE
     pod = deployment["spec"]["template"]
@@ -569,6 +572,19 @@ def test_ha_scenario(renders: Renders) -> None:
     assert {c["whenUnsatisfiable"] for c in spread} == {"DoNotSchedule"}
     for kind in ("ServiceMonitor", "PrometheusRule", "Ingress", "HTTPRoute"):
         assert len(by_kind(docs, kind)) == 1, kind
+    env = _app_env(docs)
+    tracing = {name: value for name, value in env.items() if name.startswith("OTEL_")}
+    assert tracing == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        "OTEL_SERVICE_NAME": "catalog",
+        "OTEL_RESOURCE_ATTRIBUTES": f"k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=catalog,"
+        f"k8s.deployment.name={RELEASE},deployment.environment.name=production",
+    }
+    assert Settings.from_env(tracing).tracing_enabled, "the app takes the rendered variables"
+    names = [e["name"] for e in hardening.app_container(docs)["env"]]
+    assert names.index("K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES"), "$(K8S_POD_NAME) resolves"
     for doc in docs:
         assert doc["metadata"]["labels"]["team"] == "platform", hardening.ref(doc)
 
@@ -590,6 +606,10 @@ BAD_VALUES = [
     ),
     ("bad digest", ["--set", "image.digest=latest"]),
     ("bad redis url", ["--set", "redis.enabled=false", "--set", "externalRedis.url=http://x"]),
+    ("tracing without an endpoint", ["--set", "tracing.enabled=true"]),
+    ("tracing endpoint not a URL", ["--set", "tracing.endpoint=collector:4318"]),
+    ("unknown sampler", ["--set", "tracing.sampler=sometimes"]),
+    ("sampler ratio above 1", ["--set", "tracing.samplerRatio=2"]),
 ]
 
 

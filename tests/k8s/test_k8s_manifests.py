@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,8 @@ from tests.k8s.k8s_render import (
     pod_spec,
 )
 from tests.tools import require_tool
+
+from catalog.config import Settings
 
 KUBERNETES_VERSIONS = ("1.29", "1.33")
 # Custom resources kubernetes-validate has no schema for (checked by test_service_monitor below).
@@ -49,7 +52,7 @@ def _secret_refs(docs: list[dict[str, Any]]) -> set[str]:
 
 def test_layout() -> None:
     assert OVERLAYS == ["dev", "prod"]
-    assert COMPONENTS == ["network-policy", "postgresql", "redis", "service-monitor"]
+    assert COMPONENTS == ["network-policy", "postgresql", "redis", "service-monitor", "tracing"]
 
 
 @pytest.mark.parametrize("path", _kustomizations(), ids=lambda p: str(p.parent.relative_to(K8S)))
@@ -353,3 +356,45 @@ def test_service_monitor() -> None:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+[sm]", endpoint["interval"])
+
+
+def test_tracing_component(tmp_path: Path) -> None:
+    """The component added as k8s/README.md shows: OTEL_* in the app's ConfigMap (the overlay's endpoint
+    and ratio kept), which the app accepts, and the pod's identity as resource attributes."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "dev", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / "tracing", tmp_path)],
+        "configMapGenerator": [
+            {
+                "name": "catalog",
+                "behavior": "merge",
+                "literals": [
+                    "OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector.monitoring.svc:4318",
+                    "OTEL_TRACES_SAMPLER_ARG=0.1",
+                ],
+            }
+        ],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = kustomize_docs(str(tmp_path))
+    deployment = find(docs, "Deployment", "catalog")
+    app = container(pod_spec(deployment), "catalog")
+    (config_name,) = [ref["configMapRef"]["name"] for ref in app["envFrom"]]
+    config = find(docs, "ConfigMap", config_name)["data"]
+    tracing = {name: value for name, value in config.items() if name.startswith("OTEL_")}
+    assert tracing == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.monitoring.svc:4318",
+        "OTEL_SERVICE_NAME": "catalog",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    }
+    assert Settings.from_env(tracing).tracing_enabled
+    env = {e["name"]: e for e in app["env"]}
+    assert env["K8S_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    names = list(env)
+    assert names.index("K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert "k8s.pod.name=$(K8S_POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    prod = container(pod_spec(find(overlay_docs("prod"), "Deployment", "catalog")), "catalog")
+    assert not [e for e in prod["env"] if e["name"].startswith("OTEL_")], "off unless the component is added"
