@@ -10,15 +10,17 @@ shown):
   bare      bench/bare_app.py: a bare Flask endpoint returning a small JSON product
   cached    catalog GET /api/v1/products/<id> with everything on: API key, Redis cache (X-Cache: HIT),
             Redis rate limit (high enough not to trigger), JSON access log (to /dev/null),
-            multiprocess metrics
+            multiprocess metrics; tracing off
+  cached-traced  the same with tracing on, every request sampled, exported over OTLP/HTTP to a stand-in
+            Collector on 127.0.0.1 (which counts the spans)
   uncached  the same GET with the cache off (CATALOG_CACHE_TTL_SECONDS=0 -> X-Cache: BYPASS): the
             database path
   obvious   bench/obvious_app.py: the same endpoint built the obvious way (Flask-Caching, Flask-Limiter,
             python-json-logger, prometheus-flask-exporter, SQLAlchemy + SQLite)
 
 and prints requests/s, p50 and p99 of each and the ratios cached/bare (target >= 0.7), cached/obvious
-(target >= 2), cached/floor and cached/uncached; also the servers' CPU time per request (from /proc) and
-the same ratios computed from it, which a busy shared machine disturbs much less than requests/s.
+(target >= 2), cached/floor, cached-traced/cached and cached/uncached; also the servers' CPU time per
+request (from /proc) and the same ratios computed from it, which a busy shared machine disturbs much less than requests/s.
 
     python bench/run.py [--duration 10] [--connections 16] [--threads 2] [--json] [--check]
 
@@ -40,11 +42,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WRK_SCRIPT = BENCH / "wrk_report.lua"
 
-SCENARIOS = ("floor", "bare", "cached", "uncached", "obvious")
+SCENARIOS = ("floor", "bare", "cached", "cached-traced", "uncached", "obvious")
 WORKERS, THREADS = 2, 4
 # (numerator, denominator, target or None): cached must reach 70 % of a bare Flask endpoint and twice the
 # obvious build.
@@ -60,6 +64,7 @@ RATIOS = (
     ("cached", "bare", 0.7),
     ("cached", "obvious", 2.0),
     ("cached", "floor", None),
+    ("cached-traced", "cached", None),
     ("cached", "uncached", None),
 )
 PRODUCT = {
@@ -232,6 +237,47 @@ def redis_server(logdir: Path) -> Iterator[tuple[int, Process]]:
         yield port, process
 
 
+class OtlpSink:
+    """Stands in for an OpenTelemetry Collector on 127.0.0.1: answers every OTLP/HTTP trace export with 200
+    and counts the spans in it (decoded with opentelemetry-proto, the exporter's own wire format)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                message = ExportTraceServiceRequest()
+                message.ParseFromString(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                sink.spans += sum(
+                    len(scope.spans) for resource in message.resource_spans for scope in resource.scope_spans
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[OtlpSink]:
+    sink = OtlpSink()
+    thread = threading.Thread(target=sink.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        sink.server.shutdown()
+        sink.server.server_close()
+
+
 # --- load ---------------------------------------------------------------------------------------------
 
 
@@ -370,6 +416,7 @@ class Context:
     redis: Process
     api_key: str
     product_id: str
+    otlp_sink: OtlpSink | None = None
 
 
 def setup_step(what: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
@@ -439,16 +486,29 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         x_cache(cached)  # the warm-up GET fills the cache
         targets.append(cached)
 
-    if "uncached" in wanted:
+    def another_catalog(name: str, ttl: int, expect_cache: str, **extra_env: str) -> None:
         port = free_port()
-        env = catalog_env(ctx, port, 0, "uncached")
+        env = {**catalog_env(ctx, port, ttl, name), **extra_env}
         base = f"http://127.0.0.1:{port}"
         cmd = [str(gunicorn), *gunicorn_args(port)]
-        process = ctx.stack.enter_context(running("catalog-uncached", cmd, env, ROOT, ctx.tmp))
+        process = ctx.stack.enter_context(running(f"catalog-{name}", cmd, env, ROOT, ctx.tmp))
         wait_http(process, base + "/livez")
-        uncached = Target("uncached", base, path, ctx.api_key, "not HIT", [process, ctx.redis])
-        x_cache(uncached)
-        targets.append(uncached)
+        target = Target(name, base, path, ctx.api_key, expect_cache, [process, ctx.redis])
+        x_cache(target)  # the warm-up GET (fills the cache where there is one)
+        targets.append(target)
+
+    if "cached-traced" in wanted:
+        # Tracing on, every request sampled, spans exported to a local stand-in for a Collector.
+        ctx.otlp_sink = ctx.stack.enter_context(otlp_sink())
+        another_catalog(
+            "cached-traced",
+            60,
+            "HIT",
+            OTEL_EXPORTER_OTLP_ENDPOINT=ctx.otlp_sink.endpoint,
+            OTEL_TRACES_SAMPLER="always_on",
+        )
+    if "uncached" in wanted:
+        another_catalog("uncached", 0, "not HIT")
     return targets
 
 
@@ -505,7 +565,7 @@ def table(results: list[Result], ratio_rows: list[dict[str, Any]], settings: Set
         f"{settings.threads} threads, {settings.connections} connections, {settings.duration} s "
         f"x {settings.repeat} (median shown; +{settings.warmup} s warm-up)",
         "",
-        f"{'scenario':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11} {'requests':>10} "
+        f"{'scenario':<14} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11} {'requests':>10} "
         f"{'X-Cache':>8}  note",
     ]
 
@@ -514,17 +574,17 @@ def table(results: list[Result], ratio_rows: list[dict[str, Any]], settings: Set
 
     for r in results:
         lines.append(
-            f"{r.name:<10} {number(r.requests_per_second, '.0f'):>10} {number(r.p50_ms, '.2f'):>9} "
+            f"{r.name:<14} {number(r.requests_per_second, '.0f'):>10} {number(r.p50_ms, '.2f'):>9} "
             f"{number(r.p99_ms, '.2f'):>9} {number(r.cpu_us_per_request, '.0f'):>11} {r.requests:>10} "
             f"{r.x_cache or '':>8}  {r.error or ''}"
         )
-    lines += ["", f"{'ratio':<17} {'req/s':>6} {'by CPU':>7}"]
+    lines += ["", f"{'ratio':<21} {'req/s':>6} {'by CPU':>7}"]
     for row in ratio_rows:
         verdict = ""
         if row["target"] is not None:
             verdict = f"target >= {row['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
         value = number(row["value"], ".2f")
-        lines.append(f"{row['ratio']:<17} {value:>6} {number(row['by_cpu'], '.2f'):>7}  {verdict}")
+        lines.append(f"{row['ratio']:<21} {value:>6} {number(row['by_cpu'], '.2f'):>7}  {verdict}")
     return "\n".join(lines)
 
 
@@ -556,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     settings = Settings(args.duration, args.connections, args.threads, args.warmup, max(1, args.repeat))
 
+    exported_spans: int | None = None
     tmp = Path(tempfile.mkdtemp(prefix="catalog-bench-"))
     results: dict[str, Result] = {}
     started = time.monotonic()
@@ -581,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
             targets: list[Target] = []
             starters = (
                 ("bare", {"bare"}, lambda: start_bare(ctx)),
-                ("catalog", {"floor", "cached", "uncached"}, lambda: start_catalog(ctx, wanted)),
+                (
+                    "catalog",
+                    {"floor", "cached", "cached-traced", "uncached"},
+                    lambda: start_catalog(ctx, wanted),
+                ),
                 ("obvious", {"obvious"}, lambda: start_obvious(ctx)),
             )
             for label, names, start in starters:
@@ -607,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                         results[target.name] = summarize(target)
                     except BenchError as error:
                         results[target.name] = Result(target.name, target.path, error=str(error))
+        # The servers have stopped (a traced worker exports its last spans then): what reached the sink.
+        exported_spans = ctx.otlp_sink.spans if ctx.otlp_sink else None
     finally:
         if args.keep:
             log(f"logs kept in {tmp}")
@@ -623,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                     "settings": asdict(settings),
                     "results": [asdict(r) for r in ordered],
                     "ratios": ratio_rows,
+                    "exported_spans": exported_spans,
                     "elapsed_s": elapsed,
                 },
                 indent=2,
@@ -630,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(table(ordered, ratio_rows, settings))
+        if exported_spans is not None and "cached-traced" in results:
+            print(
+                f"\ncached-traced: every request sampled; {exported_spans} spans reached the OTLP sink for "
+                f"{results['cached-traced'].requests} measured requests (+ warm-up)"
+            )
         for r in ordered:
             if r.error and r.requests_per_second is None:
                 print(f"\n{r.name} failed: {r.error}")
