@@ -20,7 +20,8 @@ shown):
 
 and prints requests/s, p50 and p99 of each and the ratios cached/bare (target >= 0.7), cached/obvious
 (target >= 2), cached/floor, cached-traced/cached and cached/uncached; also the servers' CPU time per
-request (from /proc) and the same ratios computed from it, which a busy shared machine disturbs much less than requests/s.
+request (from /proc) and the same ratios computed from it, which a busy shared machine disturbs much
+less than requests/s.
 
     python bench/run.py [--duration 10] [--connections 16] [--threads 2] [--json] [--check]
 
