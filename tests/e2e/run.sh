@@ -252,7 +252,8 @@ fi
 
 step "read the API key (${KEYS_SECRET}, client ${KEY_NAME})"
 printf '    $ %s\n' "${KUBECTL} --namespace ${NAMESPACE} get secret ${KEYS_SECRET} -o jsonpath='{.data.${KEY_NAME}}' | base64 -d"
-KEY="$(kc get secret "${KEYS_SECRET}" -o jsonpath="{.data.${KEY_NAME}}" | base64 -d)"
+KEY="$(kc get secret "${KEYS_SECRET}" -o jsonpath="{.data.${KEY_NAME}}" | base64 -d)" \
+  || fail "cannot read Secret ${KEYS_SECRET} in namespace ${NAMESPACE}"
 [ "${#KEY}" -ge 16 ] || fail "no usable key under ${KEY_NAME} in Secret ${KEYS_SECRET}"
 note "a key of ${#KEY} characters"
 
