@@ -111,6 +111,8 @@ def statement(span: Span) -> str:
 def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receiver: OtlpReceiver) -> None:
     server = traced()
     with requests.Session() as session:
+        # A probe makes no span, nor do its database and Redis checks (they would be traces of their own).
+        assert session.get(f"{server.url}/readyz", timeout=10).json()["checks"]["cache"] == "ok"
         created = session.post(
             f"{server.url}/api/v1/products", json=product_body(), headers=auth(), timeout=10
         )
@@ -174,6 +176,7 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
         root = next(span for span in receiver.trace(line["trace_id"]) if span.span_id == line["span_id"])
         assert root.parent_span_id == "" and root.resource["service.name"] == "catalog"
 
+    assert not [s for s in receiver.spans if not s.parent_span_id and s.kind != "SPAN_KIND_SERVER"]
     everything = json.dumps([(s.attributes, s.events, s.resource) for s in receiver.spans])
     for secret in (WRITER_KEY, READER_KEY, REDIS_PASSWORD):
         assert secret not in everything
@@ -298,3 +301,23 @@ def test_with_tracing_off_no_opentelemetry_code_runs_for_a_request(client: Any) 
     assert hit.headers["X-Cache"] == "HIT"
     assert any(name.endswith("catalog/tracing.py") for name in called)
     assert not [name for name in called if "opentelemetry" in name]
+
+
+@pytest.mark.parametrize(
+    ("env", "description"),
+    [
+        ({}, "ParentBased{root:AlwaysOnSampler,"),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, "AlwaysOffSampler"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+            "TraceIdRatioBased{0.25}",
+        ),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, "ParentBased{root:AlwaysOffSampler,"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, "ParentBased{root:TraceIdRatioBased{1.0},"),
+    ],
+)
+def test_the_sampler_is_the_one_the_variables_name(env: dict[str, str], description: str) -> None:
+    from catalog.otel import RequestTracesOnly, configured_sampler
+
+    sampler = RequestTracesOnly(configured_sampler(env))
+    assert sampler.get_description().startswith(f"RequestTracesOnly{{{description}")

@@ -1,18 +1,17 @@
 """Traces over OTLP, off unless an endpoint is set, and the trace ids that log lines of a request carry.
 
 Off, nothing of OpenTelemetry is imported or run per request: the only work left is the log filter's
-look at a `traceparent` header, so that lines still join the caller's trace. On, each gunicorn worker
-(`post_fork`) gets its own tracer provider, `service.instance.id` and batching OTLP/HTTP exporter, flushed
-when the worker exits; the app gets a span per request named by URL rule, with Redis commands and SQL
-statements as child spans and the auth, rate-limit and cache decisions as attributes.
+look at a `traceparent` header, so that lines still join the caller's trace. On (catalog.otel does the
+OpenTelemetry part), each gunicorn worker (`post_fork`) gets its own tracer provider, `service.instance.id`
+and batching OTLP/HTTP exporter, flushed when the worker exits; the app gets a span per request named by
+URL rule, with Redis commands and SQL statements as child spans and the auth, rate-limit and cache
+decisions as attributes.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "catalog"
-# Probes and scrapes would be most spans and tell nothing (OTEL_PYTHON_FLASK_EXCLUDED_URLS overrides).
-EXCLUDED_URLS = "/livez,/healthz,/readyz,/metrics"
 # A worker that exits gives its last batch this long to reach the collector.
 FLUSH_MILLIS = 5000
 # W3C Trace Context: version (not ff), trace id and parent id (not all zeros), flags.
@@ -57,42 +53,23 @@ def log_ids() -> tuple[str, str] | None:
 
 def record_exception(error: BaseException) -> None:
     """Put an unhandled exception on the request's span, with status ERROR."""
-    if _current_span is None:
-        return
-    from opentelemetry.trace import Status, StatusCode
+    if _current_span is not None:
+        from catalog import otel
 
-    span = _current_span()
-    span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        otel.record_exception(_current_span(), error)
 
 
 def start_worker(settings: Settings) -> None:
     """In a gunicorn worker (`post_fork`): this process's tracer provider and OTLP exporter (an exporter
-    made before the fork would have its batching thread left behind in the master).
-
-    The SDK reads the standard variables itself: OTEL_TRACES_SAMPLER(_ARG) (default parentbased_always_on),
-    OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME and OTEL_EXPORTER_OTLP_* (endpoint, headers, timeout,
-    compression, certificate)."""
+    made before the fork would have its batching thread left behind in the master)."""
     global _provider
     if not settings.tracing_enabled:
         return
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create(
-        {
-            "service.instance.id": str(uuid.uuid4()),
-            "service.version": settings.version,
-            "process.pid": os.getpid(),
-        }
-    )
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    _provider = TracerProvider(resource=resource)
-    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    from catalog import otel
+
+    _provider = otel.provider(settings.version)
     trace.set_tracer_provider(_provider)
 
 
@@ -138,41 +115,12 @@ def _record_decisions(response: Response) -> Response:
 def init_app(app: Flask) -> None:
     """When tracing is enabled: a span per request, around every other hook; Redis and SQL child spans."""
     global _current_span
-    settings: Settings = app.config["SETTINGS"]
-    if not settings.tracing_enabled:
+    if not app.config["SETTINGS"].tracing_enabled:
         _current_span = None
         return
-    from opentelemetry import metrics, trace
-    from opentelemetry.instrumentation.flask import FlaskInstrumentor
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
-    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
-    from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_version
+    from opentelemetry import trace
+
+    from catalog import otel
 
     _current_span = trace.get_current_span
-    FlaskInstrumentor.instrument_app(  # type: ignore[no-untyped-call]
-        app,
-        request_hook=_name_unrouted,
-        excluded_urls=os.environ.get("OTEL_PYTHON_FLASK_EXCLUDED_URLS", EXCLUDED_URLS),
-        enable_commenter=False,
-    )
-    # The span must be open before auth and the rate limiter run (their Redis calls are its children,
-    # and a hook that answers 401 or 429 skips the hooks after it), and the decisions are read after
-    # every other after_request hook made them: first in both lists (after_request hooks run reversed).
-    before = app.before_request_funcs.setdefault(None, [])
-    before.insert(0, before.pop(before.index(app._before_request)))  # type: ignore[attr-defined]
-    app.after_request_funcs.setdefault(None, []).insert(0, _record_decisions)
-
-    # A span per SQL statement, from the engine's events. Not through SQLAlchemyInstrumentor().instrument:
-    # it declares `sqlalchemy<2.1` and, past that check, imports sqlalchemy.ext.asyncio, which 2.1 cannot
-    # without greenlet; it would also patch create_engine and Engine.connect for the whole process. The
-    # engine tracer it would return is the part needed; tests/test_tracing.py proves the SQL spans.
-    EngineTracer(  # type: ignore[no-untyped-call]
-        trace.get_tracer(EngineTracer.__module__, sqlalchemy_version),
-        app.extensions["catalog.db"].engine,
-        # Connection-pool usage is a metric; catalog's metrics are Prometheus', so this one goes nowhere.
-        metrics.get_meter(__name__).create_up_down_counter("db.client.connections.usage"),
-    )
-    guarded = app.extensions["catalog.redis"]
-    if guarded is not None:
-        # Commands are recorded as `SET ? ?`: no key, value or password reaches a span.
-        RedisInstrumentor.instrument_client(guarded.client)
+    otel.instrument(app, request_hook=_name_unrouted, after_request=_record_decisions)
