@@ -35,6 +35,10 @@ from opentelemetry.util.types import Attributes
 SERVICE_NAME = "catalog"
 # Probes and scrapes would be most spans and tell nothing (OTEL_PYTHON_FLASK_EXCLUDED_URLS overrides).
 EXCLUDED_URLS = "/livez,/healthz,/readyz,/metrics"
+# Request headers the instrumentation may be told to record (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*)
+# are recorded as [REDACTED] when they carry credentials, whatever else the variable lists.
+SANITIZE_FIELDS = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
+CREDENTIAL_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorization")
 
 
 class RequestTracesOnly(Sampler):
@@ -99,6 +103,13 @@ def instrument(
 ) -> None:
     """A server span per request, around every other hook; Redis commands and SQL statements as its
     children."""
+    # The instrumentation reads this variable on every request, from the environment only.
+    sanitized = [
+        os.environ.get(SANITIZE_FIELDS, ""),
+        app.config["SETTINGS"].api_key_header,
+        *CREDENTIAL_HEADERS,
+    ]
+    os.environ[SANITIZE_FIELDS] = ",".join(field for field in sanitized if field)
     FlaskInstrumentor.instrument_app(  # type: ignore[no-untyped-call]
         app,
         request_hook=request_hook,
