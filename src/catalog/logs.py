@@ -50,7 +50,7 @@ class RequestIdFilter(logging.Filter):
                 request_id = g.get("request_id")
                 if request_id is not None:
                     record.request_id = request_id
-            trace_ids = tracing.log_ids()
+            trace_ids = tracing.log_ids(request.environ)
             if trace_ids is not None:
                 record.trace_id, record.span_id = trace_ids
         return True

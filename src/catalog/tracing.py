@@ -37,14 +37,14 @@ _current_span: Callable[[], Span] | None = None
 _provider: TracerProvider | None = None
 
 
-def log_ids() -> tuple[str, str] | None:
-    """(trace_id, span_id) for a line logged while serving a request: the request's span when tracing
-    is on, else the caller's `traceparent` (its trace and span), else None."""
+def log_ids(environ: dict[str, Any]) -> tuple[str, str] | None:
+    """(trace_id, span_id) for a line logged while serving the request of `environ`: the request's span
+    when tracing is on, else the caller's `traceparent` (its trace and span), else None."""
     if _current_span is not None:
         context = _current_span().get_span_context()
         if context.is_valid:
             return format(context.trace_id, "032x"), format(context.span_id, "016x")
-    header = request.environ.get("HTTP_TRACEPARENT")
+    header = environ.get("HTTP_TRACEPARENT")
     if header is None:
         return None
     match = TRACEPARENT.fullmatch(header)
