@@ -112,8 +112,10 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
     # A header recorded on request (an operator's setting) keeps its value out of the span if it is a key.
     server = traced(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST="X-Api-Key,Authorization,Accept")
     with requests.Session() as session:
-        # A probe makes no span, nor do its database and Redis checks (they would be traces of their own).
+        # Probes and scrapes make no spans, nor do the readiness probe's database and Redis checks.
         assert session.get(f"{server.url}/readyz", timeout=10).json()["checks"]["cache"] == "ok"
+        assert session.get(f"{server.url}/livez", timeout=10).status_code == 200
+        assert session.get(f"{server.url}/metrics", timeout=10).status_code == 200
         created = session.post(
             f"{server.url}/api/v1/products", json=product_body(), headers=auth(), timeout=10
         )
@@ -180,6 +182,9 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
         assert root.parent_span_id == "" and root.resource["service.name"] == "catalog"
 
     assert not [s for s in receiver.spans if not s.parent_span_id and s.kind != "SPAN_KIND_SERVER"]
+    assert not [
+        s for s in receiver.spans if s.attributes.get("http.route") in ("/readyz", "/livez", "/metrics")
+    ]
     everything = json.dumps([(s.attributes, s.events, s.resource) for s in receiver.spans])
     for secret in (WRITER_KEY, READER_KEY, REDIS_PASSWORD):
         assert secret not in everything

@@ -33,8 +33,10 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 SERVICE_NAME = "catalog"
-# Probes and scrapes would be most spans and tell nothing (OTEL_PYTHON_FLASK_EXCLUDED_URLS overrides).
-EXCLUDED_URLS = "/livez,/healthz,/readyz,/metrics"
+# Probes and scrapes would be most traces and tell nothing. Left out by the sampler, from the route it is
+# given: the instrumentation's own exclusion (OTEL_PYTHON_FLASK_EXCLUDED_URLS, still honoured when set)
+# builds the request's full URL three times per request to match it.
+UNTRACED_ROUTES = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 # Request headers the instrumentation may be told to record (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*)
 # are recorded as [REDACTED] when they carry credentials, whatever else the variable lists.
 SANITIZE_FIELDS = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
@@ -42,9 +44,9 @@ CREDENTIAL_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorizat
 
 
 class RequestTracesOnly(Sampler):
-    """The configured sampler, for traces that start with a request. A Redis command or SQL statement
-    outside any request span (a readiness probe, which makes no span of its own; a background thread)
-    would otherwise be a trace of its own, every few seconds, telling nothing."""
+    """The configured sampler, for traces of requests other than probes and scrapes. A Redis command or
+    SQL statement outside any request span (a background thread) would otherwise be a trace of its own,
+    and a probe one every few seconds, telling nothing."""
 
     def __init__(self, configured: Sampler) -> None:
         self.configured = configured
@@ -59,8 +61,12 @@ class RequestTracesOnly(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        """Drop a root span that is not a request's; else what the configured sampler says."""
-        if kind is not SpanKind.SERVER and not get_current_span(parent_context).get_span_context().is_valid:
+        """Drop a probe's span and a root span that is not a request's; else what the configured sampler
+        says (the children of a dropped span follow it)."""
+        if kind is SpanKind.SERVER:
+            if attributes and attributes.get("http.route") in UNTRACED_ROUTES:
+                return SamplingResult(Decision.DROP)
+        elif not get_current_span(parent_context).get_span_context().is_valid:
             return SamplingResult(Decision.DROP)
         return self.configured.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
@@ -111,10 +117,7 @@ def instrument(
     ]
     os.environ[SANITIZE_FIELDS] = ",".join(field for field in sanitized if field)
     FlaskInstrumentor.instrument_app(  # type: ignore[no-untyped-call]
-        app,
-        request_hook=request_hook,
-        excluded_urls=os.environ.get("OTEL_PYTHON_FLASK_EXCLUDED_URLS", EXCLUDED_URLS),
-        enable_commenter=False,
+        app, request_hook=request_hook, enable_commenter=False
     )
     # The span must be open before auth and the rate limiter run (their Redis calls are its children,
     # and a hook that answers 401 or 429 skips the hooks after it), and `after_request` reads what every
