@@ -49,7 +49,7 @@ def traced(
     password_file = tmp_path / "redis-password"
     password_file.write_text(REDIS_PASSWORD)
 
-    def start(**env: str) -> Any:
+    def start(*arguments: str, **env: str) -> Any:
         return gunicorn(
             {
                 "CATALOG_DATABASE_URL": database_url,
@@ -61,7 +61,7 @@ def traced(
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
                 **env,
             },
-            ("--pythonpath", str(ROOT), "tests.failing_app:create_app()"),
+            (*arguments, "--pythonpath", str(ROOT), "tests.failing_app:create_app()"),
         )
 
     return start
@@ -247,6 +247,14 @@ def test_parent_based_sampling_follows_the_callers_traceparent(traced: Any, rece
     assert access_line(server, declined)["trace_id"] == unsampled_trace
     for response in (own, declined):
         assert not receiver.trace(access_line(server, response)["trace_id"])
+
+
+def test_a_preloaded_app_traces_in_each_worker(traced: Any, receiver: OtlpReceiver) -> None:
+    # The app is built in the master, before the fork; the provider and exporter only in the workers.
+    server = traced("--preload")
+    response = requests.get(f"{server.url}/api/v1/products", headers=auth(), timeout=10)
+    root, children = trace_of(server, receiver, response)
+    assert root.name == "GET /api/v1/products" and of_system(children, "sqlite")
 
 
 def test_sigterm_exports_every_finished_span(traced: Any, receiver: OtlpReceiver) -> None:
