@@ -7,25 +7,24 @@ A helm test pod running a Python check with the app image (no other image to pul
 apiVersion: v1
 kind: Pod
 metadata:
-  name: {{ include "catalog.fullname" $ctx }}-test-{{ .check }}
+  name: {{ include "catalog.suffixedName" (dict "ctx" $ctx "suffix" (printf "test-%s" .check)) }}
   namespace: {{ $ctx.Release.Namespace }}
   labels:
     {{- include "catalog.labelsFor" (dict "ctx" $ctx "name" (printf "%s-test" (include "catalog.name" $ctx)) "component" "test") | nindent 4 }}
   annotations:
     helm.sh/hook: test
     helm.sh/hook-weight: {{ .weight | quote }}
+    # Kept until the next `helm test` (`helm test --logs` reads the pods after they ran; hook-succeeded would
+    # delete them first): remove them with `kubectl delete pod -l app.kubernetes.io/component=test,...`.
     helm.sh/hook-delete-policy: before-hook-creation
 spec:
   restartPolicy: Never
   automountServiceAccountToken: false
   enableServiceLinks: false
   serviceAccountName: {{ include "catalog.serviceAccountName" $ctx }}
-  {{- with $ctx.Values.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+  {{- include "catalog.imagePullSecrets" $ctx | nindent 2 }}
   securityContext:
-    {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
+    {{- include "catalog.securityContext" (dict "ctx" $ctx "context" $ctx.Values.podSecurityContext) | nindent 4 }}
   containers:
     - name: {{ .check }}
       image: {{ include "catalog.image" $ctx }}
@@ -46,7 +45,7 @@ spec:
           {{- include "catalog.testCommon" . | nindent 10 }}
           {{- .script | nindent 10 }}
       securityContext:
-        {{- toYaml $ctx.Values.securityContext | nindent 8 }}
+        {{- include "catalog.securityContext" (dict "ctx" $ctx "context" $ctx.Values.securityContext) | nindent 8 }}
       resources:
         {{- toYaml $ctx.Values.tests.resources | nindent 8 }}
       volumeMounts:
