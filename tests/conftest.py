@@ -375,8 +375,11 @@ class PrivatePostgres:
         secret = f":{quote(password, safe='')}" if password is not None else ""
         return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/{database}"
 
-    def psql(self, *arguments: str, user: str = "postgres", database: str = "postgres") -> str:
-        """Run psql over TCP (ON_ERROR_STOP); return its output, fail the test on an error."""
+    def psql(
+        self, *arguments: str, user: str = "postgres", database: str = "postgres", over_socket: bool = False
+    ) -> str:
+        """Run psql over TCP or the server's Unix socket (ON_ERROR_STOP); return its output, fail the test on
+        an error."""
         result = subprocess.run(
             [
                 str(self.bin / "psql"),
@@ -384,7 +387,7 @@ class PrivatePostgres:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                str(self.root) if over_socket else "127.0.0.1",
                 "-p",
                 str(self.port),
                 "-U",

@@ -75,24 +75,27 @@ BASE = os.environ["CATALOG_URL"]
 HEADER = os.environ["CATALOG_API_KEY_HEADER"]
 
 
-def api_key():
-    # The first usable plain key of the mounted Secret (sha256-only entries cannot be sent).
+def api_key(write=False):
+    # A usable plain key of the mounted Secret (sha256-only entries cannot be sent) with the read scope; with
+    # write=True one that may write too, if the Secret has one.
     root = pathlib.Path("/var/run/secrets/catalog/api-keys")
+    found = []
     for f in sorted(root.iterdir()):
         if f.name.startswith(".") or not f.is_file():
             continue
-        value = f.read_text().strip()
+        value, scopes = f.read_text().strip(), ["read", "write"]
         if value.startswith("{"):
             try:
                 doc = json.loads(value)
             except ValueError:
                 continue
-            if "read" not in doc.get("scopes", ["read"]):
-                continue
-            value = doc.get("key") or ""
-        if len(value) >= 16 and not value.startswith("sha256:"):
-            return f.name, value
-    sys.exit("FAIL: no plain API key with the read scope in the Secret")
+            value, scopes = doc.get("key") or "", doc.get("scopes", scopes)
+        if "read" in scopes and len(value) >= 16 and not value.startswith("sha256:"):
+            found.append((f.name, value, "write" in scopes))
+    if not found:
+        sys.exit("FAIL: no plain API key with the read scope in the Secret")
+    name, value, _ = sorted(found, key=lambda k: not (write and k[2]))[0]
+    return name, value
 
 
 def call(method, path, key=None, body=None, attempts=30):
