@@ -372,8 +372,8 @@ def _selector_problems(where: str, selector: Any) -> list[str]:
 
 def assert_selectors_name_instance(docs: Iterable[Any]) -> None:
     """Selectors of Deployments, StatefulSets, Services, PDBs and NetworkPolicies (their podSelector and
-    same-namespace peer podSelectors, when not empty) and topology spread constraints are exactly name + instance, and
-    each workload's pods carry its selector's labels."""
+    same-namespace peer podSelectors, when not empty) and topology spread constraints are exactly name +
+    instance, and each workload's pods carry its selector's labels."""
     docs = flatten(docs)
     problems = []
     for d in docs:
@@ -396,8 +396,8 @@ def assert_selectors_name_instance(docs: Iterable[Any]) -> None:
             for direction in ("ingress", "egress"):
                 for rule in spec.get(direction) or []:
                     for peer in rule.get("from") or rule.get("to") or []:
-                        # a peer with a namespaceSelector picks another app's pods (e.g. Prometheus): its labels
-                        # are that app's, not ours
+                        # a peer with a namespaceSelector picks another app's pods (e.g. Prometheus): its
+                        # labels are that app's, not ours
                         if peer.get("podSelector") and "namespaceSelector" not in peer:
                             problems += _selector_problems(f"{where} {direction} peer", peer["podSelector"])
     _fail(problems, "selectors")

@@ -26,7 +26,6 @@ import requests
 import yaml
 from sqlalchemy import create_engine, text
 from tests import k8s_hardening as hardening
-from tests.chart.fake_kubernetes import FakeKubernetes
 from tests.chart.test_helm_chart import (
     CHART,
     HELMS,
@@ -40,6 +39,7 @@ from tests.chart.test_helm_chart import (
     run,
 )
 from tests.conftest import DEFAULT_KEYS, WRITER_KEY, SecretDir
+from tests.fake_kubernetes import fake_kubernetes
 from tests.tools import require_tool
 
 from catalog.config import Settings, read_secret_file
@@ -450,35 +450,37 @@ def test_redis_and_postgresql_have_identities_of_their_own() -> None:
 # -------------------------------------------------------------------- 7. secrets that survive GitOps
 
 
-@pytest.fixture
-def earlier_install(fake_kubeconfig: Path) -> Iterator[dict[str, Any]]:
-    """The fake API server's objects of an earlier install, to set per test (reset afterwards)."""
-    secrets = dict(FakeKubernetes.secrets)
-    state: dict[str, Any] = {"objects": FakeKubernetes.objects, "secrets": FakeKubernetes.secrets}
-    yield state
-    FakeKubernetes.objects.clear()
-    FakeKubernetes.secrets.clear()
-    FakeKubernetes.secrets.update(secrets)
+# What an earlier install left: the API keys and the Redis password Secrets (no PostgreSQL one yet).
+EARLIER = {
+    (NAMESPACE, f"{RELEASE}-api-keys"): {"default": "kept-key-" + "a" * 30},
+    (NAMESPACE, f"{RELEASE}-redis"): {"password": "kept-redis-password-" + "r" * 20},
+}
+STATEFULSET = ("statefulsets", f"{RELEASE}-postgresql")
+PVC = ("persistentvolumeclaims", f"data-{RELEASE}-postgresql-0")
+REDIS_DEPLOYMENT = ("deployments", f"{RELEASE}-redis")
 
 
-def _object(kind: str, name: str) -> dict[str, Any]:
-    return {"kind": kind, "apiVersion": "v1", "metadata": {"name": name, "namespace": NAMESPACE}}
-
-
-STATEFULSET = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/{RELEASE}-postgresql"
-PVC = f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/data-{RELEASE}-postgresql-0"
-REDIS_DEPLOYMENT = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{RELEASE}-redis"
-
-
-def _server_render(helm: str, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [require_tool(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=server", *args]
-    if helm == "helm4":
-        cmd.append("--disable-openapi-validation")
-    return run(cmd, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+def _server_render(
+    helm: str, tmp_path: Path, secrets: dict[tuple[str, str], dict[str, str]], objects: list[tuple[str, str]]
+) -> subprocess.CompletedProcess[str]:
+    """`helm template --dry-run=server` on a fake API holding `secrets` and `objects` (resource, name)."""
+    owned = {  # what helm leaves on what it installed (helm 4 checks it before it adopts an object)
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE},
+    }
+    existing = {
+        (NAMESPACE, resource, name): {"kind": "Object", "apiVersion": "v1", "metadata": {"name": name, **owned}}
+        for resource, name in objects
+    }
+    with fake_kubernetes(tmp_path, secrets, NAMESPACE, existing) as kubeconfig:
+        cmd = [require_tool(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=server"]
+        if helm == "helm4":
+            cmd.append("--disable-openapi-validation")
+        return run(cmd, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
 
 
 @pytest.mark.parametrize(
-    ("what", "path", "secret"),
+    ("what", "left", "secret"),
     [
         ("PostgreSQL's volume", PVC, f"{RELEASE}-postgresql"),
         ("PostgreSQL's StatefulSet", STATEFULSET, f"{RELEASE}-postgresql"),
@@ -487,23 +489,19 @@ def _server_render(helm: str, kubeconfig: Path, *args: str) -> subprocess.Comple
 )
 @pytest.mark.parametrize("helm", HELMS)
 def test_a_password_a_server_already_took_is_never_replaced(
-    helm: str, fake_kubeconfig: Path, earlier_install: dict[str, Any], what: str, path: str, secret: str
+    helm: str, tmp_path: Path, what: str, left: tuple[str, str], secret: str
 ) -> None:
     """The Secret is gone, the server that took its password is not: the render stops, naming both."""
-    earlier_install["secrets"].pop(secret, None)
-    earlier_install["objects"][path] = _object("Object", path.rsplit("/", 1)[1])
-    proc = _server_render(helm, fake_kubeconfig)
+    secrets = {key: data for key, data in EARLIER.items() if key[1] != secret}
+    proc = _server_render(helm, tmp_path, secrets, [left])
     assert proc.returncode != 0, f"{what}: a new password was rendered"
     assert f"the Secret {secret} is gone" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("helm", HELMS)
-def test_kept_passwords_are_reused_and_missing_keys_added(
-    helm: str, fake_kubeconfig: Path, earlier_install: dict[str, Any]
-) -> None:
-    earlier_install["secrets"][f"{RELEASE}-postgresql"] = {"password": "app-password-kept-" + "k" * 20}
-    earlier_install["objects"][PVC] = _object("PersistentVolumeClaim", f"data-{RELEASE}-postgresql-0")
-    proc = _server_render(helm, fake_kubeconfig)
+def test_kept_passwords_are_reused_and_missing_keys_added(helm: str, tmp_path: Path) -> None:
+    secrets = {**EARLIER, (NAMESPACE, f"{RELEASE}-postgresql"): {"password": "app-password-kept-" + "k" * 20}}
+    proc = _server_render(helm, tmp_path, secrets, [PVC, STATEFULSET, REDIS_DEPLOYMENT])
     assert proc.returncode == 0, proc.stderr
     data = one(load_docs(proc.stdout), "Secret", f"{RELEASE}-postgresql")["data"]
     assert base64.b64decode(data["password"]).decode() == "app-password-kept-" + "k" * 20

@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 from tests import k8s_hardening as hardening
-from tests.chart.fake_kubernetes import NAMESPACE, RELEASE, FakeKubernetes
+from tests.fake_kubernetes import fake_kubernetes
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,8 @@ CHART_OBSERVABILITY = CHART / "files" / "observability"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
 HELMS = ("helm3", "helm4")
+RELEASE = "catalog"
+NAMESPACE = "catalog"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
 TIMEOUT = 180
 
@@ -730,6 +732,22 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- generated once (lookup)
 
 
+# API keys (also ones rotated or added by hand since) and the Redis password an earlier install left.
+EARLIER_SECRETS = {
+    (NAMESPACE, f"{RELEASE}-api-keys"): {
+        "default": "rotated-key-" + "a" * 30,
+        "second": "another-key-" + "b" * 30,
+    },
+    (NAMESPACE, f"{RELEASE}-redis"): {"password": "existing-redis-password-" + "r" * 20},
+}
+
+
+@pytest.fixture(scope="module")
+def fake_kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with fake_kubernetes(tmp_path_factory.mktemp("kube"), EARLIER_SECRETS, NAMESPACE) as config:
+        yield config
+
+
 @pytest.mark.parametrize("helm", HELMS)
 def test_generated_secrets_are_kept_on_upgrade(helm: str, fake_kubeconfig: Path) -> None:
     binary = require_tool(helm)
@@ -740,8 +758,8 @@ def test_generated_secrets_are_kept_on_upgrade(helm: str, fake_kubeconfig: Path)
     assert proc.returncode == 0, proc.stderr
     docs = load_docs(proc.stdout)
     # the API keys (also ones rotated or added by hand since) and the Redis password are kept as they are
-    for name in (f"{RELEASE}-api-keys", f"{RELEASE}-redis"):
-        assert secret_data(one(docs, "Secret", name)) == FakeKubernetes.secrets[name]
+    for namespace, name in EARLIER_SECRETS:
+        assert secret_data(one(docs, "Secret", name)) == EARLIER_SECRETS[(namespace, name)]
     # the PostgreSQL Secret did not exist yet: generated now
     assert len(secret_data(one(docs, "Secret", f"{RELEASE}-postgresql"))["password"]) == 32
 
