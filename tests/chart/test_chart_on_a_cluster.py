@@ -469,7 +469,11 @@ def _server_render(
         "annotations": {"meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE},
     }
     existing = {
-        (NAMESPACE, resource, name): {"kind": "Object", "apiVersion": "v1", "metadata": {"name": name, **owned}}
+        (NAMESPACE, resource, name): {
+            "kind": "Object",
+            "apiVersion": "v1",
+            "metadata": {"name": name, **owned},
+        }
         for resource, name in objects
     }
     with fake_kubernetes(tmp_path, secrets, NAMESPACE, existing) as kubeconfig:
