@@ -40,6 +40,7 @@ from tests.chart.test_helm_chart import (
 )
 from tests.conftest import DEFAULT_KEYS, WRITER_KEY, SecretDir
 from tests.fake_kubernetes import fake_kubernetes
+from tests.k8s.k8s_render import overlay_docs
 from tests.tools import require_tool
 
 from catalog.config import Settings, read_secret_file
@@ -652,13 +653,27 @@ def test_the_longest_release_name_gives_valid_names(helm: str, scenario: str, tm
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _redis_as_rendered(source: str) -> tuple[str, str, dict[str, Any]]:
+    """redis.conf, the start script and the container of the chart's Redis or the kustomize component's."""
+    if source == "chart":
+        docs = render()
+        conf = one(docs, "ConfigMap", f"{RELEASE}-redis")["data"]["redis.conf"]
+        (container,) = template_of(docs, "Deployment", f"{RELEASE}-redis")["spec"]["containers"]
+        return conf, container["command"][2], container
+    docs = overlay_docs("dev")
+    (container,) = template_of(docs, "Deployment", "catalog-redis")["spec"]["containers"]
+    (config,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("catalog-redis")]
+    return config["data"]["redis.conf"], container["args"][0], container
+
+
+@pytest.mark.parametrize("source", ["chart", "kustomize"])
 @pytest.mark.parametrize("password", ['quote"d \\back\\slash\\ and spaces', "it's $(not) `run` $HOME", ' " '])
-def test_a_redis_password_with_quotes_backslashes_and_spaces(password: str, tmp_path: Path) -> None:
-    """The chart's Redis command and probes, as rendered, on a real redis-server; the app reads the file."""
+def test_a_redis_password_with_quotes_backslashes_and_spaces(
+    source: str, password: str, tmp_path: Path
+) -> None:
+    """The Redis start script and probes, as rendered, on a real redis-server; the app reads the file."""
     server = require_tool("redis-server")
-    docs = render()
-    conf = one(docs, "ConfigMap", f"{RELEASE}-redis")["data"]["redis.conf"]
-    (container,) = template_of(docs, "Deployment", f"{RELEASE}-redis")["spec"]["containers"]
+    conf, script, container = _redis_as_rendered(source)
     (tmp_path / "password").write_text(password + "\n")
     port = free_port()
     (tmp_path / "redis.conf").write_text(
@@ -675,9 +690,7 @@ def test_a_redis_password_with_quotes_backslashes_and_spaces(password: str, tmp_
         )
 
     with (tmp_path / "redis.log").open("wb") as log:
-        process = subprocess.Popen(
-            ["sh", "-c", local(container["command"][2])], stdout=log, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(["sh", "-c", local(script)], stdout=log, stderr=subprocess.STDOUT)
     try:
         client = redis.Redis(
             port=port, password=read_secret_file(str(tmp_path / "password")), socket_timeout=2
