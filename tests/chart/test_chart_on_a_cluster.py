@@ -839,6 +839,16 @@ def test_the_cache_test_deletes_its_product_when_a_step_fails(service: Any, keys
     assert _rows(url) == before
 
 
+def test_passed_test_pods_are_deleted_and_a_failed_one_kept_for_its_logs() -> None:
+    """helm uninstall never deletes hook pods: a passed check's pod goes at once, a failed one stays until the
+    next `helm test` (which replaces it)."""
+    pods = by_kind(render(), "Pod")
+    assert len(pods) == 3
+    for pod in pods:
+        policy = set(pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(","))
+        assert policy == {"before-hook-creation", "hook-succeeded"}, pod["metadata"]["name"]
+
+
 def test_a_read_only_key_makes_the_cache_test_read_without_writing(service: Any, tmp_path: Path) -> None:
     keys = SecretDir(tmp_path / "read-only-keys")
     keys.write({"reader": DEFAULT_KEYS["reader"]})

@@ -14,9 +14,9 @@ metadata:
   annotations:
     helm.sh/hook: test
     helm.sh/hook-weight: {{ .weight | quote }}
-    # Kept until the next `helm test` (`helm test --logs` reads the pods after they ran; hook-succeeded would
-    # delete them first): remove them with `kubectl delete pod -l app.kubernetes.io/component=test,...`.
-    helm.sh/hook-delete-policy: before-hook-creation
+    # A passed check leaves nothing behind (helm uninstall never deletes hook pods); a failed one stays for
+    # `kubectl logs` until the next `helm test`. (So `helm test --logs` cannot read the passed ones.)
+    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 spec:
   restartPolicy: Never
   automountServiceAccountToken: false
