@@ -7,7 +7,9 @@ import tempfile
 # prometheus_client picks multiprocess mode when it is imported: a fresh directory before catalog is.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="catalog-test-metrics-")
 
+import contextlib
 import json
+import pwd
 import shutil
 import signal
 import socket
@@ -304,6 +306,66 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own (initdb, pg_ctl) on a free port, which the test may stop
+    with `-m immediate` (a crash: open connections die) and start again. As root, every command runs as
+    the `postgres` user (initdb refuses root), in a directory that user owns."""
+
+    def __init__(self) -> None:
+        self.pg_ctl = require_tool("pg_ctl", POSTGRES_BINARIES)
+        initdb = require_tool("initdb", POSTGRES_BINARIES)
+        self.as_owner: list[str] = []
+        self.directory = Path(tempfile.mkdtemp(prefix="catalog-test-pg-"))
+        if os.geteuid() == 0:
+            self.as_owner = [require_tool("runuser"), "-u", "postgres", "--"]
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.directory, owner.pw_uid, owner.pw_gid)
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self._run(initdb, "--no-sync", "--auth=trust", "--username=postgres", "-D", str(self.data))
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """postgresql:// URL of its `postgres` database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *arguments: str) -> None:
+        subprocess.run([*self.as_owner, *arguments], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        """Start (again) on the same port; returns once it accepts connections."""
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.directory / "server.log")
+        self._run(self.pg_ctl, "start", "-w", "-D", str(self.data), "-l", log, "-o", options)
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop; `immediate` kills every backend at once, as a crash or a failover would."""
+        self._run(self.pg_ctl, "stop", "-w", "-m", mode, "-D", str(self.data))
+
+    def restart(self) -> None:
+        """An immediate stop, then a start: every connection made before is dead."""
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        """Stop for good and delete the cluster."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A fresh private PostgreSQL cluster."""
+    server = PostgresServer()
+    yield server
+    server.remove()
 
 
 class Gunicorn:
