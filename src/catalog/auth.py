@@ -17,7 +17,7 @@ from flask import Flask, current_app, g, request
 from limits import parse_many
 
 from catalog.errors import Problem
-from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES
+from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES, export_clients
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class KeyStore:
             self._signature = signature
             API_KEYS_LOADED.set(len(scan.entries))
             names = [e.client.name for e in scan.entries]
+            export_clients(names)
             if names:
                 log.info("api keys loaded", extra={"count": len(names), "clients": names, "pid": os.getpid()})
             else:
