@@ -1,5 +1,6 @@
 """The products API, every rule of the contract, on SQLite and on PostgreSQL."""
 
+import json
 import re
 from typing import Any
 
@@ -334,6 +335,30 @@ class TestBodies:
         headers = {**auth(), "Content-Type": "application/json"}
         assert_problem(client.post("/api/v1/products", data=data, headers=headers), 400)
         assert count(client) == 0
+
+    def test_json_nested_too_deeply_to_read_is_400_not_a_crash(self, client: Any) -> None:
+        headers = {**auth(), "Content-Type": "application/json"}
+        response = client.post("/api/v1/products", data="[" * 100_000, headers=headers)
+        assert "nests deeper" in assert_problem(response, 400)["detail"]
+
+    @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+    @pytest.mark.parametrize(
+        "document",
+        [None, json.dumps(product_body()), json.dumps(json.dumps(product_body())), [product_body()], 1, True],
+        ids=["null", "a string holding json", "a string holding that string", "an array", "a number", "true"],
+    )
+    def test_json_that_is_not_an_object_is_422_and_changes_nothing(
+        self, client: Any, method: str, document: Any
+    ) -> None:
+        product = create(client)
+        url = "/api/v1/products" if method == "POST" else f"/api/v1/products/{product['id']}"
+        media = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        response = client.open(
+            url, method=method, data=json.dumps(document), headers={**auth(), "Content-Type": media}
+        )
+        assert [error["loc"] for error in assert_problem(response, 422)["errors"]] == [["body"]]
+        assert count(client) == 1
+        assert client.get(f"/api/v1/products/{product['id']}", headers=auth()).get_json() == product
 
     def test_a_body_over_1_mib_is_413(self, client: Any) -> None:
         body = product_body(description="d" * (1024 * 1024))
