@@ -291,9 +291,8 @@ def presented_key(header: str) -> str | None:
 
 
 def authenticate_request() -> None:
-    """Before every /api/ request: 401 without a valid key, 403 without the method's scope."""
-    if not request.path.startswith("/api/"):
-        return
+    """For an /api/ request (called by the pipeline): 401 without a valid key, 403 without the method's
+    scope; sets `g.client`."""
     store = key_store()
     store.refresh_if_due()
     header = current_app.config["SETTINGS"].api_key_header
@@ -322,6 +321,5 @@ def authenticate_request() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Load the keys and check every /api/ request."""
+    """Load the keys (the pipeline checks them on every /api/ request)."""
     app.extensions["catalog.keys"] = KeyStore(app.config["SETTINGS"].api_keys_dir)
-    app.before_request(authenticate_request)
