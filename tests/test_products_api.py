@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from tests.conftest import READER_KEY, assert_problem, auth, product_body
 
+from catalog.products import CURSOR_PATTERN
+
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
@@ -85,6 +87,12 @@ class TestCreate:
         response = client.post("/api/v1/products", json=product_body(**{field: value}), headers=auth())
         assert any(loc[:2] == ["body", field] for loc in error_locs(response)), response.get_json()
         assert count(client) == 0
+
+    def test_a_whole_number_written_with_a_fraction_part_is_that_integer(self, client: Any) -> None:
+        """1250.0 is the integer 1250 in JSON, as the document's `type: integer` reads it; 12.5 is not."""
+        product = client.post("/api/v1/products", json=product_body(price_cents=1250.0), headers=auth())
+        assert product.status_code == 201 and product.get_json()["price_cents"] == 1250
+        assert '"price_cents":1250,' in product.get_data(as_text=True).replace(" ", "")
 
     def test_largest_valid_values_are_accepted(self, client: Any) -> None:
         product = create(
@@ -186,11 +194,31 @@ class TestList:
     def test_limit_outside_1_to_100_is_422(self, client: Any, limit: str) -> None:
         assert ["query", "limit"] in error_locs(client.get(f"/api/v1/products?limit={limit}", headers=auth()))
 
-    @pytest.mark.parametrize("cursor", ["garbage", "AAAA", "%00"])
-    def test_a_cursor_not_made_here_is_422(self, client: Any, cursor: str) -> None:
-        assert ["query", "cursor"] in error_locs(
-            client.get(f"/api/v1/products?cursor={cursor}", headers=auth())
-        )
+    @pytest.mark.parametrize(
+        ("cursor", "problem"),
+        [
+            ("garbage", "validation-error"),  # not of the documented shape
+            ("AAAA", "validation-error"),
+            ("%00", "validation-error"),
+            ("A" * 35, "invalid-cursor"),  # of the shape, but not made here
+        ],
+    )
+    def test_a_cursor_not_made_here_is_422(self, client: Any, cursor: str, problem: str) -> None:
+        response = client.get(f"/api/v1/products?cursor={cursor}", headers=auth())
+        assert ["query", "cursor"] in error_locs(response)
+        assert response.get_json()["type"] == f"/problems/{problem}"
+
+    def test_every_next_cursor_has_the_documented_shape(self, client: Any) -> None:
+        for _ in range(3):
+            create(client)
+        cursor = client.get("/api/v1/products?limit=1", headers=auth()).get_json()["next_cursor"]
+        assert re.fullmatch(CURSOR_PATTERN, cursor)
+
+    @pytest.mark.parametrize("tag", ["%00", "a%00b"])
+    def test_a_tag_filter_no_product_can_have_is_422_not_a_database_error(
+        self, client: Any, tag: str
+    ) -> None:
+        assert ["query", "tag"] in error_locs(client.get(f"/api/v1/products?tag={tag}", headers=auth()))
 
     def test_a_write_is_seen_by_the_next_list(self, client: Any) -> None:
         assert client.get("/api/v1/products", headers=auth()).get_json()["items"] == []
@@ -231,6 +259,12 @@ class TestReplace:
             client.put(f"/api/v1/products/{product['id']}", json=product_body(), headers=headers).status_code
             == 200
         )
+
+    def test_an_empty_if_match_sets_no_condition_like_an_empty_if_none_match(self, client: Any) -> None:
+        product = create(client)
+        headers = {**auth(), "If-Match": ""}
+        response = client.put(f"/api/v1/products/{product['id']}", json=product_body(), headers=headers)
+        assert response.status_code == 200 and response.get_json()["version"] == 2
 
     def test_weak_etags_never_match_if_match(self, client: Any) -> None:
         product = create(client)

@@ -16,6 +16,7 @@ from catalog.domain import (
     DomainError,
     DuplicateSku,
     IdempotencyKeyReused,
+    InvalidCursor,
     InvalidInput,
     NotFound,
     PreconditionFailed,
@@ -41,6 +42,8 @@ DOMAIN_PROBLEMS: dict[type[DomainError], ProblemType] = {
     Conflict: ProblemType(409, "conflict", "Conflict"),
     PreconditionFailed: ProblemType(412, "precondition-failed", "Precondition failed"),
     IdempotencyKeyReused: ProblemType(422, "idempotency-key-reused", "Idempotency-Key reused"),
+    # Well-formed (the document's pattern) but not made by this service: stale, foreign or tampered with.
+    InvalidCursor: ProblemType(422, "invalid-cursor", "Invalid cursor"),
     InvalidInput: ProblemType(422, "validation-error", "Validation failed"),
     Unavailable: ProblemType(503, "unavailable", "Service unavailable"),
 }

@@ -40,6 +40,11 @@ def new_id() -> str:
     return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+# What encode_cursor makes of an id (26 ASCII characters: 35 of unpadded URL-safe base64); the API
+# document states it, and decode_cursor checks the rest.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{35}$"
+
+
 def encode_cursor(product_id: str) -> str:
     """An opaque cursor that resumes after `product_id`."""
     return base64.urlsafe_b64encode(product_id.encode()).decode().rstrip("=")
