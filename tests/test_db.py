@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from tests.conftest import PostgresServer, assert_problem, auth, product_body
+from tests.conftest import PrivatePostgres, assert_problem, auth, product_body
 
 from catalog import create_app, db, domain, errors
 from catalog.cli import upgrade
@@ -56,22 +56,24 @@ def assert_one_warning_and_503(response: Any, caplog: pytest.LogCaptureFixture) 
 
 
 @pytest.fixture
-def private_postgres(postgres_server: PostgresServer) -> str:
-    """The private cluster, migrated."""
-    upgrade(Settings(database_url=postgres_server.url))
-    return postgres_server.url
+def postgres(private_postgres: Callable[..., PrivatePostgres]) -> PrivatePostgres:
+    """A private PostgreSQL of the test's own (so it may be restarted), started and migrated."""
+    server = private_postgres()
+    server.start()
+    upgrade(Settings(database_url=server.url()))
+    return server
 
 
 @pytest.fixture
-def pg_app(private_postgres: str, settings: Settings) -> Iterator[Any]:
-    """The app on the private cluster."""
-    application = create_app(dataclasses.replace(settings, database_url=private_postgres))
+def pg_app(postgres: PrivatePostgres, settings: Settings) -> Iterator[Any]:
+    """The app on that server."""
+    application = create_app(dataclasses.replace(settings, database_url=postgres.url()))
     yield application
     application.extensions["catalog.db"].engine.dispose()
 
 
 def restart_once_on(
-    engine: Any, event_name: str, postgres: PostgresServer, statement_start: str | None = None
+    engine: Any, event_name: str, postgres: PrivatePostgres, statement_start: str | None = None
 ) -> None:
     """Restart PostgreSQL the first time `event_name` fires on `engine` (for a statement starting with
     `statement_start`, if given): after the pool's pre-ping passed, before the statement or the commit
@@ -83,7 +85,8 @@ def restart_once_on(
         if fired or (statement_start and not str(args[1]).lstrip().startswith(statement_start)):
             return
         fired = True
-        postgres.restart()
+        postgres.stop()  # immediate: every backend dies at once, as in a crash or a failover
+        postgres.start()
 
     event.listen(engine, event_name, restart)
 
@@ -94,37 +97,34 @@ def restart_once_on(
 )
 def test_postgres_restarted_before_a_write_is_a_503_and_nothing_is_written(
     pg_app: Any,
-    postgres_server: PostgresServer,
-    private_postgres: str,
+    postgres: PrivatePostgres,
     caplog: pytest.LogCaptureFixture,
     event_name: str,
     statement_start: str | None,
 ) -> None:
     client = pg_app.test_client()
     assert client.get("/api/v1/products", headers=auth()).status_code == 200  # a pooled connection
-    restart_once_on(pg_app.extensions["catalog.db"].engine, event_name, postgres_server, statement_start)
+    restart_once_on(pg_app.extensions["catalog.db"].engine, event_name, postgres, statement_start)
     body = product_body()
     caplog.clear()
     response = client.post(
         "/api/v1/products", json=body, headers={**auth(), "Idempotency-Key": f"restart-{event_name}"}
     )
     assert_one_warning_and_503(response, caplog)
-    assert products_with_sku(private_postgres, body["sku"]) == 0, f"written although {event_name} failed"
+    assert products_with_sku(postgres.url(), body["sku"]) == 0, f"written although {event_name} failed"
     again = client.post(
         "/api/v1/products", json=body, headers={**auth(), "Idempotency-Key": f"restart-{event_name}"}
     )
     assert again.status_code == 201, again.get_json()  # nothing was recorded for the key either
-    assert products_with_sku(private_postgres, body["sku"]) == 1
+    assert products_with_sku(postgres.url(), body["sku"]) == 1
 
 
 def test_postgres_restarted_before_a_read_is_a_503(
-    pg_app: Any, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+    pg_app: Any, postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = pg_app.test_client()
     assert client.get("/api/v1/products", headers=auth()).status_code == 200
-    restart_once_on(
-        pg_app.extensions["catalog.db"].engine, "before_cursor_execute", postgres_server, "SELECT"
-    )
+    restart_once_on(pg_app.extensions["catalog.db"].engine, "before_cursor_execute", postgres, "SELECT")
     caplog.clear()
     assert_one_warning_and_503(client.get("/api/v1/products?limit=7", headers=auth()), caplog)
     assert client.get("/api/v1/products?limit=7", headers=auth()).status_code == 200
