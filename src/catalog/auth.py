@@ -17,7 +17,7 @@ from flask import Flask, current_app, g, request
 from limits import parse_many
 
 from catalog.errors import Problem
-from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES
+from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES, export_clients
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class KeyStore:
             self._signature = signature
             API_KEYS_LOADED.set(len(scan.entries))
             names = [e.client.name for e in scan.entries]
+            export_clients(names)
             if names:
                 log.info("api keys loaded", extra={"count": len(names), "clients": names, "pid": os.getpid()})
             else:
@@ -290,9 +291,8 @@ def presented_key(header: str) -> str | None:
 
 
 def authenticate_request() -> None:
-    """Before every /api/ request: 401 without a valid key, 403 without the method's scope."""
-    if not request.path.startswith("/api/"):
-        return
+    """For an /api/ request (called by the pipeline): 401 without a valid key, 403 without the method's
+    scope; sets `g.client`."""
     store = key_store()
     store.refresh_if_due()
     header = current_app.config["SETTINGS"].api_key_header
@@ -322,6 +322,5 @@ def authenticate_request() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Load the keys and check every /api/ request."""
+    """Load the keys (the pipeline checks them on every /api/ request)."""
     app.extensions["catalog.keys"] = KeyStore(app.config["SETTINGS"].api_keys_dir)
-    app.before_request(authenticate_request)

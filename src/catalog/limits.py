@@ -168,8 +168,8 @@ class RateLimiter:
 
 
 def init_app(app: Flask) -> None:
-    """Count every authenticated /api/ request and every failed authentication; trust X-Forwarded-For only
-    as far as CATALOG_TRUSTED_PROXY_HOPS says."""
+    """The limiter of every authenticated /api/ request (run by the pipeline) and of failed
+    authentications; trust X-Forwarded-For only as far as CATALOG_TRUSTED_PROXY_HOPS says."""
     settings = app.config["SETTINGS"]
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
@@ -177,5 +177,5 @@ def init_app(app: Flask) -> None:
         WindowCounter(app.extensions["catalog.redis"]), settings.rate_limit, settings.auth_failure_limit
     )
     app.extensions["catalog.auth_failed"] = limiter.limit_auth_failure
-    app.before_request(limiter.limit_client)
+    app.extensions["catalog.limiter"] = limiter  # the pipeline limits each request after authenticating it
     app.after_request(limiter.headers)
