@@ -19,7 +19,7 @@ except ConfigError as error:
     sys.exit(2)
 
 from catalog import metrics
-from catalog.cache import BOARD_ENV
+from catalog.cache.board import BOARD_ENV
 
 wsgi_app = "catalog:create_app()"
 bind = [f"0.0.0.0:{settings.port}"]

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import READER_KEY, WRITER_KEY, SecretDir, assert_problem, auth, product_body
 
-from catalog import create_app, logs
+from catalog import logs
 from catalog.auth import KeyStore
 from catalog.config import Settings
 
@@ -63,11 +63,11 @@ def json_logging() -> None:
 
 
 @pytest.fixture
-def make_app(settings: Settings) -> Callable[..., Any]:
+def make_app(settings: Settings, build_app: Callable[[Settings], Any]) -> Callable[..., Any]:
     """Build another app on the test database: `make_app(**settings_overrides)`."""
 
     def build(**overrides: Any) -> Any:
-        return create_app(dataclasses.replace(settings, **overrides))
+        return build_app(dataclasses.replace(settings, **overrides))
 
     return build
 

@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     # need PROMETHEUS_MULTIPROC_DIR to exist (gunicorn.conf.py checks it first).
     from flask_openapi3.models.info import Info
 
-    from catalog import api, auth, cache, db, errors, health, limits, logs, metrics, products
+    from catalog import api, auth, background, cache, db, errors, health, limits, logs, metrics, products
     from catalog.api.schemas import ProblemDetail
     from catalog.application import CatalogApp
     from catalog.config import Settings
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     logs.init_app(app)
     errors.init_app(app)
     metrics.init_app(app)
+    background.init_app(app)
     db.init_app(app)
     cache.init_app(app)
     auth.init_app(app)

@@ -46,6 +46,12 @@ APP_INFO = Gauge(
     multiprocess_mode="max",
 )
 CACHE_REQUESTS = Counter("catalog_cache_requests_total", "Cache lookups by result", ["result"])
+# Children bound once (a `labels()` call per request costs a lock and a dict lookup), which also exports
+# each known label value as 0 from the start.
+CACHE_HIT = CACHE_REQUESTS.labels(result="hit")
+CACHE_MISS = CACHE_REQUESTS.labels(result="miss")
+CACHE_BYPASS = CACHE_REQUESTS.labels(result="bypass")
+CACHE_ERROR = CACHE_REQUESTS.labels(result="error")
 CACHE_CIRCUIT_OPEN = Gauge(
     "catalog_cache_circuit_open", "1 while the Redis circuit breaker is open", multiprocess_mode="livemax"
 )

@@ -10,7 +10,7 @@ from flask import Response, current_app, json
 from flask_openapi3.openapi import OpenAPI
 from pydantic import ValidationError
 
-from catalog.api.products import api, read_ahead
+from catalog.api.products import api
 from catalog.api.schemas import LOCATION_OF_MODEL, ProductPatch
 from catalog.errors import PROBLEM_MIMETYPE, validation_problem
 
@@ -146,6 +146,5 @@ Send the API key in <code>{html.escape(current_app.config["SETTINGS"].api_key_he
 def init_app(app: OpenAPI) -> None:
     """Register the API routes, /openapi.json and /docs."""
     app.register_api(api)
-    app.extensions["catalog.redis_prefetch"] = read_ahead
     app.add_url_rule("/openapi.json", "openapi", _openapi_json)
     app.add_url_rule("/docs", "docs", _docs)

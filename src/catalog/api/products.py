@@ -82,13 +82,6 @@ def _if_match() -> Precondition | None:
     return lambda version: if_match.is_strong(str(version)) or if_match.star_tag
 
 
-def read_ahead() -> list[str]:
-    """The cache entry a GET of one product will read, fetched in the rate limiter's Redis round trip."""
-    if request.endpoint == "products.get_product" and request.view_args:
-        return service().read_ahead(str(request.view_args["product_id"]))
-    return []
-
-
 @api.get(
     "/products", summary="List products", responses={200: ProductPage, **READ_RESPONSES, 422: ProblemDetail}
 )
@@ -103,7 +96,7 @@ def get_product(path: ProductPath) -> Response:
     """One product, with a strong ETag; `If-None-Match` with the current ETag answers 304."""
     version, body, cache_status = service().get(path.product_id)
     etag = f'"{version}"'
-    if request.if_none_match.contains_weak(str(version)) or request.if_none_match.star_tag:
+    if request.if_none_match.contains_weak(version) or request.if_none_match.star_tag:
         return Response(status=304, headers={"ETag": etag, "X-Cache": cache_status})
     return _json(body, {"ETag": etag, "X-Cache": cache_status})
 
