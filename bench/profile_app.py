@@ -114,9 +114,18 @@ def catalog_app(tmp: Path, redis_port: int) -> Iterator[tuple[Any, str, str]]:
     upgrade(settings)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         app = create_app(settings)
-        created = app.test_client().post("/api/v1/products", json=PRODUCT, headers={"X-Api-Key": api_key})
-        assert created.status_code == 201, created.get_data()
-        yield app, api_key, created.get_json()["id"]
+        client = app.test_client()
+        ids = []
+        for index in range(20):  # a full first page
+            body = {**PRODUCT, "sku": f"BENCH-{index}"}
+            created = client.post("/api/v1/products", json=body, headers={"X-Api-Key": api_key})
+            assert created.status_code == 201, created.get_data()
+            ids.append(created.get_json()["id"])
+        time.sleep(0.5)  # the invalidation listener subscribes
+        try:
+            yield app, api_key, ids[0]
+        finally:
+            app.extensions["catalog.background"].stop()
 
 
 def main() -> int:

@@ -206,6 +206,12 @@ def app(settings: Settings) -> Iterator[Any]:
 
 
 @pytest.fixture
+def client(app: Any) -> Any:
+    """A test client of the app."""
+    return app.test_client()
+
+
+@pytest.fixture
 def build_app() -> Iterator[Callable[[Settings], Any]]:
     """Build apps (`build_app(settings)`); their threads and connections are closed after the test."""
     apps: list[Any] = []

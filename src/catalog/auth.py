@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from limits import parse_many
 
+from catalog.background import Background
 from catalog.errors import Problem
 from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 MIN_KEY_LENGTH = 16
 MAX_FILE_BYTES = 64 * 1024
-# The contract: a change is in effect within 10 s in every worker. A request or probe re-reads keys older
-# than POLL_SECONDS, and no request is answered from keys older than MAX_STALE_SECONDS.
+# The contract: a change is in effect within 10 s in every worker. A thread of each worker re-reads the
+# keys every POLL_SECONDS, and no request is answered from keys older than MAX_STALE_SECONDS (one that finds
+# them older, e.g. because the thread was held up, re-reads them first).
 POLL_SECONDS = 2.0
 MAX_STALE_SECONDS = 5.0
 SCAN_ATTEMPTS = 3
@@ -122,11 +124,11 @@ class _Scan:
 
 
 class KeyStore:
-    """The keys of a kubelet-style Secret directory, re-read on use once they are POLL_SECONDS old.
+    """The keys of a kubelet-style Secret directory, re-read every POLL_SECONDS off the request path.
 
-    No thread and no inotify (the kubelet swaps a `..data` symlink, which file watches miss): the request
-    or probe that finds the keys older than POLL_SECONDS re-reads them, and one that finds them older than
-    MAX_STALE_SECONDS waits for that read, so an idle worker never answers from keys older than that."""
+    No inotify (the kubelet swaps a `..data` symlink, which file watches miss): a background thread of each
+    worker (`poll`) re-reads the directory; a request that finds the keys older than MAX_STALE_SECONDS
+    re-reads them itself. Keys are found by the SHA-256 of the presented key."""
 
     def __init__(
         self, directory: str, poll_seconds: float = POLL_SECONDS, max_stale_seconds: float = MAX_STALE_SECONDS
@@ -135,6 +137,7 @@ class KeyStore:
         self.poll_seconds = poll_seconds
         self.max_stale_seconds = max(max_stale_seconds, poll_seconds)
         self._entries: tuple[_Entry, ...] = ()
+        self._by_digest: dict[bytes, _Entry] = {}
         self._signature: frozenset[tuple[bytes, Client]] | None = None
         self._warned: dict[str, tuple[bytes, str]] = {}
         self._directory_unreadable = False
@@ -152,18 +155,15 @@ class KeyStore:
         """The clients of the keys loaded now (names and scopes; never a key or digest)."""
         return tuple(entry.client for entry in self._entries)
 
+    def poll(self) -> None:
+        """Re-read the directory (the background thread's task; one read at a time)."""
+        with self._reload_lock:
+            self.reload()
+
     def refresh_if_due(self) -> None:
-        """Re-read the directory when the keys are POLL_SECONDS old; while they are younger than
-        MAX_STALE_SECONDS nobody waits for another thread's read, after that everybody does."""
-        age = time.monotonic() - self._fresh_as_of
-        if age < self.poll_seconds:
-            return
-        if age < self.max_stale_seconds:
-            if self._reload_lock.acquire(blocking=False):
-                try:
-                    self.reload()
-                finally:
-                    self._reload_lock.release()
+        """Re-read the directory now if the keys are older than MAX_STALE_SECONDS (the thread fell behind);
+        concurrent callers wait for the one read."""
+        if time.monotonic() - self._fresh_as_of < self.max_stale_seconds:
             return
         with self._reload_lock:
             if time.monotonic() - self._fresh_as_of >= self.max_stale_seconds:
@@ -181,7 +181,11 @@ class KeyStore:
         self._warned = scan.skipped
         signature = frozenset((e.digest, e.client) for e in scan.entries)
         if signature != self._signature:
-            self._entries = scan.entries
+            # The first entry of a digest wins (two files holding one key are one client, as before).
+            by_digest: dict[bytes, _Entry] = {}
+            for entry in scan.entries:
+                by_digest.setdefault(entry.digest, entry)
+            self._entries, self._by_digest = scan.entries, by_digest
             self._signature = signature
             API_KEYS_LOADED.set(len(scan.entries))
             names = [e.client.name for e in scan.entries]
@@ -252,13 +256,14 @@ class KeyStore:
         return _Scan(tuple(entries), skipped)
 
     def authenticate(self, presented: str) -> Client | None:
-        """The client whose key this is; every stored digest is compared in constant time."""
+        """The client whose key this is, found by the key's SHA-256: the lookup's timing depends on the
+        digest, which a caller cannot steer towards a stored one, never on the key; the match is confirmed
+        with a constant-time comparison."""
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for entry in self._entries:
-            if hmac.compare_digest(digest, entry.digest) and found is None:
-                found = entry.client
-        return found
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(digest, entry.digest):
+            return None
+        return entry.client
 
 
 class Unauthenticated(Problem):
@@ -321,6 +326,9 @@ def authenticate_request() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Load the keys and check every /api/ request."""
-    app.extensions["catalog.keys"] = KeyStore(app.config["SETTINGS"].api_keys_dir)
+    """Load the keys, re-read them in the background, and check every /api/ request."""
+    store = KeyStore(app.config["SETTINGS"].api_keys_dir)
+    background: Background = app.extensions["catalog.background"]
+    background.every("api-keys", store.poll_seconds, store.poll)
+    app.extensions["catalog.keys"] = store
     app.before_request(authenticate_request)
