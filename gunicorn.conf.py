@@ -35,6 +35,8 @@ keepalive = 5
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 - tmpfs, not a shared temp dir
 control_socket_disable = True
 accesslog = None
+# gunicorn's logger without its access log (the app writes the one access line of each request).
+logger_class = "catalog.logs.JsonGunicornLogger"
 logconfig_dict = logs.gunicorn_logconfig(settings.log_level)
 proc_name = "catalog"
 

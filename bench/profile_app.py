@@ -180,7 +180,7 @@ def main() -> int:
                     for name, (wsgi, make, expect) in scenarios.items()
                 }
     for name, value in figures.items():
-        print(f"{name:<10} {value:8.1f} CPU us/request")
+        print(f"{name:<10} {value:8.1f} CPU us/request", file=sys.stderr)
     return 0
 
 

@@ -56,12 +56,26 @@ def test_a_malformed_request_id_is_replaced(server: Any, offered: str) -> None:
     assert 1 <= len(response.headers["X-Request-ID"]) <= 128
 
 
-def test_lines_written_while_serving_carry_the_request_id(server: Any, keys_dir: SecretDir) -> None:
+def test_lines_written_while_serving_carry_the_request_id(gunicorn: Any, keys_dir: SecretDir) -> None:
+    """A warning logged while a request is served (the readiness probe finding the database away) names
+    that request's id; lines of the background threads (the key store's re-reads) name none."""
+    server = gunicorn(
+        {
+            "CATALOG_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "CATALOG_API_KEYS_DIR": str(keys_dir.path),
+        }
+    )
     keys_dir.write({"broken": "short"})
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and '"file": "broken"' not in server.output():
-        requests.get(f"{server.url}/readyz", headers={"X-Request-ID": "probe-7"}, timeout=10)
         time.sleep(0.2)
+    assert (
+        requests.get(f"{server.url}/readyz", headers={"X-Request-ID": "probe-7"}, timeout=10).status_code
+        == 503
+    )
     server.stop()
-    skipped = [line for line in server.log_lines() if line["message"] == "api key file skipped"]
-    assert any(line.get("request_id") == "probe-7" for line in skipped), skipped
+    lines = server.log_lines()
+    failing = [line for line in lines if line["message"] == "readiness: database check failed"]
+    assert [line.get("request_id") for line in failing] == ["probe-7"], failing
+    skipped = [line for line in lines if line["message"] == "api key file skipped"]
+    assert skipped and all("request_id" not in line for line in skipped), skipped
