@@ -186,8 +186,9 @@ def test_redis_paused_costs_under_a_second_then_the_database_path_then_hits_agai
 def test_a_write_while_redis_is_paused_is_never_read_old_from_any_worker(
     gunicorn: Any, database_url: str, keys_dir: SecretDir, redis_server: RedisServer
 ) -> None:
-    """The write's invalidation cannot reach Redis, so Redis keeps the old entry; after SIGCONT no worker
-    (also not the one that did not take the write) serves it, and HITs return once it has expired."""
+    """The write's invalidation cannot reach Redis, so Redis keeps the old entry until the deferred
+    invalidation is delivered (the next call that reaches Redis, e.g. the limiter's background sync); after
+    SIGCONT no worker (also not the one that did not take the write) serves it, and HITs return."""
     ttl = 3
     server = gunicorn(
         server_env(
@@ -205,8 +206,6 @@ def test_a_write_while_redis_is_paused_is_never_read_old_from_any_worker(
     assert (answer.status_code, answer.json()["version"]) == (200, 2)
     assert answer.elapsed.total_seconds() < 1.0
     redis_server.resume()
-    with redis_server.client() as direct:
-        assert direct.exists(f"catalog:v1:product:{product['id']}"), "the old entry is gone"
 
     seen = []
     while time.monotonic() - started < ttl:

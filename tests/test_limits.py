@@ -2,8 +2,10 @@
 headers on every /api/ answer, and in memory per worker while Redis is away."""
 
 import dataclasses
+import itertools
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -408,3 +410,99 @@ def test_while_redis_is_down_each_worker_enforces_the_limit_in_memory(
         assert_rate_headers(answer, 5)
         if answer.status_code != 200:
             assert_too_many(answer, 5)
+
+
+# --- two pods counting one budget -----------------------------------------------------------------------
+
+
+class WindowWatch:
+    """Watches a counter's remaining time in Redis and notes when each of its windows started (a window
+    begins with its first count and lasts its expiry)."""
+
+    def __init__(self, redis_server: RedisServer, key: str, expiry: float) -> None:
+        self.client = redis_server.client()
+        self.key = key
+        self.expiry = expiry
+        self.starts: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> "WindowWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            remaining = self.client.pttl(self.key)
+            now = time.monotonic()
+            if remaining > 0:
+                started = now - (self.expiry * 1000 - remaining) / 1000
+                if not self.starts or started - self.starts[-1] > self.expiry / 2:
+                    self.starts.append(started)
+            time.sleep(0.005)
+
+
+def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
+    gunicorn: Any, sqlite_url: str, keys_dir: SecretDir, redis_server: RedisServer
+) -> None:
+    """Two masters of two workers each, one client limited to 200/second, hammered through both for 10 s:
+    in every window at most 1.1 x 200 requests pass (a request that straddles a window's edge counts in
+    both windows), and the budget is used (at least 90 % in the full windows)."""
+    limit, seconds, threads_per_pod = 200, 10.0, 4
+    env = {
+        "CATALOG_DATABASE_URL": sqlite_url,
+        "CATALOG_API_KEYS_DIR": str(keys_dir.path),
+        "CATALOG_REDIS_URL": redis_server.url,
+        "CATALOG_RATE_LIMIT": f"{limit}/second",
+        "WEB_CONCURRENCY": "2",
+        "CATALOG_THREADS": "4",
+    }
+    pods = [gunicorn(env), gunicorn(env)]
+    passed: list[tuple[float, float]] = []  # (started, answered) of every 200
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer(url: str) -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                started = time.monotonic()
+                status = session.get(url, headers=auth(), timeout=10).status_code
+                statuses.append(status)
+                if status == 200:
+                    passed.append((started, time.monotonic()))
+
+    created = requests.post(f"{pods[0].url}/api/v1/products", json=product_body(), headers=auth(), timeout=10)
+    path = f"/api/v1/products/{created.json()['id']}"
+    time.sleep(1.5)  # a fresh window for the measurement
+    key = f"{KEY_PREFIX}LIMITER/writer/api/{limit}/1/second"
+    workers = [
+        threading.Thread(target=hammer, args=(pod.url + path,))
+        for pod in pods
+        for _ in range(threads_per_pod)
+    ]
+    with WindowWatch(redis_server, key, 1.0) as watch:
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds)
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert set(statuses) == {200, 429}, set(statuses)
+    windows = watch.starts
+    assert len(windows) >= seconds - 1, windows
+    per_window = []
+    for start, end in itertools.pairwise(windows):
+        # A request decided in [start, end) lies there; one that straddles an edge counts on both sides.
+        per_window.append(sum(1 for began, answered in passed if began < end and answered >= start))
+    worst = max(per_window)
+    print(
+        f"limit {limit}/s, 2 pods x 2 workers, {len(statuses)} requests in {seconds:.0f} s, {len(passed)} "
+        f"passed; per full window: {per_window} (max {worst}, {worst / limit:.2f} x the limit)"
+    )
+    assert worst <= 1.1 * limit, per_window
+    assert min(per_window) >= 0.9 * limit, per_window

@@ -19,7 +19,20 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     # need PROMETHEUS_MULTIPROC_DIR to exist (gunicorn.conf.py checks it first).
     from flask_openapi3.models.info import Info
 
-    from catalog import api, auth, background, cache, db, errors, health, limits, logs, metrics, products
+    from catalog import (
+        api,
+        auth,
+        background,
+        cache,
+        db,
+        errors,
+        health,
+        limits,
+        logs,
+        metrics,
+        pipeline,
+        products,
+    )
     from catalog.api.schemas import ProblemDetail
     from catalog.application import CatalogApp
     from catalog.config import Settings
@@ -48,6 +61,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     cache.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
+    pipeline.init_app(app)
     products.init_app(app)
     api.init_app(app)
     health.init_app(app)

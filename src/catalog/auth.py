@@ -10,17 +10,22 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app, g, request
+from flask import Flask, Request
 from limits import parse_many
+from werkzeug.datastructures import Headers
 
 from catalog.background import Background
 from catalog.errors import Problem
 from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES
 
 log = logging.getLogger(__name__)
+# Bound once: by whether a key was sent (invalid) or not (missing).
+AUTH_FAILED = {False: AUTH_FAILURES.labels(reason="missing"), True: AUTH_FAILURES.labels(reason="invalid")}
+AUTH_FORBIDDEN = AUTH_FAILURES.labels(reason="forbidden")
 
 MIN_KEY_LENGTH = 16
 MAX_FILE_BYTES = 64 * 1024
@@ -278,57 +283,61 @@ class Forbidden(Problem):
     status, slug, title = 403, "forbidden", "Forbidden"
 
 
-def key_store() -> KeyStore:
-    """The key store of the current app."""
-    return current_app.extensions["catalog.keys"]  # type: ignore[no-any-return]
-
-
-def presented_key(header: str) -> str | None:
+def presented_key(headers: Headers, header: str) -> str | None:
     """The key in the configured header, or an `Authorization: Bearer` token."""
-    key = request.headers.get(header)
+    key = headers.get(header)
     if key:
         return key
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
 
 
-def authenticate_request() -> None:
-    """Before every /api/ request: 401 without a valid key, 403 without the method's scope."""
-    if not request.path.startswith("/api/"):
-        return
-    store = key_store()
-    store.refresh_if_due()
-    header = current_app.config["SETTINGS"].api_key_header
-    key = presented_key(header)
-    client = store.authenticate(key) if key else None
-    if client is None:
-        reason = "invalid" if key else "missing"
-        AUTH_FAILURES.labels(reason=reason).inc()
-        current_app.extensions["catalog.auth_failed"](reason)
+class Authenticator:
+    """The check every /api/ request passes (called by the pipeline): who the caller is (401 otherwise,
+    each failure counted against the caller's IP), then whether its key has the method's scope (403)."""
+
+    def __init__(self, store: KeyStore, header: str) -> None:
+        self.store = store
+        self.header = header
+
+    def identify(self, request: Request, count_failure: Callable[[Request], None]) -> Client:
+        """The client whose key the request carries; Unauthenticated (after `count_failure`) if none."""
+        self.store.refresh_if_due()
+        key = presented_key(request.headers, self.header)
+        client = self.store.authenticate(key) if key else None
+        if client is not None:
+            return client
+        AUTH_FAILED[bool(key)].inc()
+        count_failure(request)
         if key:  # RFC 6750 section 3: an error code only when credentials were sent
             raise Unauthenticated(
                 "The API key is not valid.",
                 headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'},
             )
         raise Unauthenticated(
-            f"Send an API key in {header} or Authorization: Bearer.", headers={"WWW-Authenticate": CHALLENGE}
+            f"Send an API key in {self.header} or Authorization: Bearer.",
+            headers={"WWW-Authenticate": CHALLENGE},
         )
-    g.client = client
-    needed = "read" if request.method in READ_METHODS else "write"
-    if needed not in client.scopes:
-        AUTH_FAILURES.labels(reason="forbidden").inc()
-        raise Forbidden(
-            f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
-            headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},
-        )
+
+    @staticmethod
+    def authorize(client: Client, method: str) -> None:
+        """Forbidden unless the client's key has the scope the method needs."""
+        needed = "read" if method in READ_METHODS else "write"
+        if needed not in client.scopes:
+            AUTH_FORBIDDEN.inc()
+            raise Forbidden(
+                f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
+                headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},
+            )
 
 
 def init_app(app: Flask) -> None:
-    """Load the keys, re-read them in the background, and check every /api/ request."""
-    store = KeyStore(app.config["SETTINGS"].api_keys_dir)
+    """Load the keys and re-read them in the background; the pipeline checks every /api/ request."""
+    settings = app.config["SETTINGS"]
+    store = KeyStore(settings.api_keys_dir)
     background: Background = app.extensions["catalog.background"]
     background.every("api-keys", store.poll_seconds, store.poll)
     app.extensions["catalog.keys"] = store
-    app.before_request(authenticate_request)
+    app.extensions["catalog.authenticator"] = Authenticator(store, settings.api_key_header)

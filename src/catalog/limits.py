@@ -19,11 +19,13 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 import redis
-from flask import Flask, Response, current_app, g, request
+from flask import Flask
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
+from werkzeug.datastructures import Headers
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from catalog.auth import Client
 from catalog.background import Background
 from catalog.cache import GuardedRedis, RedisUnavailable
 from catalog.errors import Problem
@@ -65,9 +67,13 @@ return out
 
 
 class RateLimited(Problem):
-    """Too many requests."""
+    """Too many requests; `quota` is where the caller stands (its RateLimit-* and Retry-After headers)."""
 
     status, slug, title = 429, "rate-limited", "Too many requests"
+
+    def __init__(self, detail: str, quota: Quota) -> None:
+        super().__init__(detail)
+        self.quota = quota
 
 
 class Quota(NamedTuple):
@@ -238,7 +244,7 @@ class SharedCounter:
 
 class RateLimiter:
     """The client's budget (its own `rate_limit` from the Secret, else CATALOG_RATE_LIMIT) shared by all
-    /api/ routes, and a budget of failed authentications per client IP."""
+    /api/ routes, and a budget of failed authentications per client IP (called by the pipeline)."""
 
     def __init__(self, counter: SharedCounter, default_limit: str, auth_failure_limit: str) -> None:
         self.counter = counter
@@ -246,27 +252,28 @@ class RateLimiter:
         self.auth_failure_items = parse_limits(auth_failure_limit)
         self._rate_limited: dict[str, Any] = {}
 
-    def limit_client(self) -> None:
-        """Before an authenticated /api/ request: count it; 429 once the client's budget is used up."""
-        client = g.get("client")
-        if client is None or g.get("rate_limit_quota") is not None:
-            return
+    def limit_client(self, client: Client) -> Quota:
+        """Count an authenticated /api/ request: its quota; RateLimited (with it) past the budget."""
         quota = self.counter.hit(
             parse_limits(client.rate_limit or self.default_limit), client.name, API_SCOPE
         )
-        g.rate_limit_quota = quota
         if quota.remaining < 0:
             self._count_limited(client.name)
-            raise RateLimited(f"The rate limit of client {client.name!r} is used up; see Retry-After.")
+            raise RateLimited(
+                f"The rate limit of client {client.name!r} is used up; see Retry-After.", quota=quota
+            )
+        return quota
 
-    def limit_auth_failure(self, reason: str) -> None:
-        """Count a failed authentication of the caller's IP (its quota heads the 401); 429 past the limit."""
-        ip = request.remote_addr or "unknown"
-        quota = self.counter.hit(self.auth_failure_items, AUTH_FAILURE_SCOPE, ip)
-        g.rate_limit_quota = quota
+    def limit_auth_failure(self, remote_addr: str | None) -> Quota:
+        """Count a failed authentication of the caller's IP (its quota heads the 401); RateLimited past the
+        limit."""
+        quota = self.counter.hit(self.auth_failure_items, AUTH_FAILURE_SCOPE, remote_addr or "unknown")
         if quota.remaining < 0:
             self._count_limited("anonymous")
-            raise RateLimited("Too many failed authentications from this address; wait before trying again.")
+            raise RateLimited(
+                "Too many failed authentications from this address; wait before trying again.", quota=quota
+            )
+        return quota
 
     def _count_limited(self, client: str) -> None:
         child = self._rate_limited.get(client)
@@ -274,29 +281,20 @@ class RateLimiter:
             child = self._rate_limited[client] = RATE_LIMITED.labels(client=client)
         child.inc()
 
-    def headers(self, response: Response) -> Response:
-        """RateLimit-* on every /api/ answer, Retry-After on a 429. A 403 (decided by auth before the
-        limiter ran) still counts against the client's budget here, and is the 429 once that is used up."""
-        quota: Quota | None = g.get("rate_limit_quota")
-        if quota is None:
-            if response.status_code != 403 or g.get("client") is None:
-                return response
-            try:
-                self.limit_client()
-            except RateLimited as breach:
-                response = current_app.handle_user_exception(breach)  # type: ignore[assignment]
-            quota = g.rate_limit_quota
-        response.headers["RateLimit-Limit"] = str(quota.limit)
-        response.headers["RateLimit-Remaining"] = str(max(quota.remaining, 0))
-        response.headers["RateLimit-Reset"] = str(quota.reset_seconds)
-        if response.status_code == 429:
-            response.headers["Retry-After"] = str(max(quota.reset_seconds, 1))
-        return response
+
+def rate_limit_headers(quota: Quota, headers: Headers, limited: bool) -> None:
+    """RateLimit-* on every /api/ answer, and Retry-After on a 429."""
+    reset = quota.reset_seconds
+    headers.add("RateLimit-Limit", str(quota.limit))
+    headers.add("RateLimit-Remaining", str(max(quota.remaining, 0)))
+    headers.add("RateLimit-Reset", str(reset))
+    if limited:
+        headers.add("Retry-After", str(max(reset, 1)))
 
 
 def init_app(app: Flask) -> None:
-    """Count every authenticated /api/ request and every failed authentication; trust X-Forwarded-For only
-    as far as CATALOG_TRUSTED_PROXY_HOPS says."""
+    """The limiter the pipeline runs (failed authentications per IP, then each client's budget); trust
+    X-Forwarded-For only as far as CATALOG_TRUSTED_PROXY_HOPS says."""
     settings = app.config["SETTINGS"]
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
@@ -304,7 +302,4 @@ def init_app(app: Flask) -> None:
     if counter.guarded is not None:
         background: Background = app.extensions["catalog.background"]
         background.every("rate-limit-sync", SYNC_SECONDS, counter.sync)
-    limiter = RateLimiter(counter, settings.rate_limit, settings.auth_failure_limit)
-    app.extensions["catalog.auth_failed"] = limiter.limit_auth_failure
-    app.before_request(limiter.limit_client)
-    app.after_request(limiter.headers)
+    app.extensions["catalog.limiter"] = RateLimiter(counter, settings.rate_limit, settings.auth_failure_limit)

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, request
+from flask import Flask, Request, g, has_request_context
 from gunicorn.glogging import Logger as GunicornLogger
 from pythonjsonlogger.json import JsonFormatter
 
@@ -148,41 +148,24 @@ def gunicorn_logconfig(level: str) -> dict[str, Any]:
     }
 
 
-def start_request() -> None:
-    """Take the caller's X-Request-ID if it is well-formed, else make one; start the clock."""
-    g.started = time.perf_counter()
-    offered = request.headers.get("X-Request-ID", "")
-    g.request_id = offered if REQUEST_ID.match(offered) else request_ids.next()
-
-
-def finish_request(response: Response) -> Response:
-    """Echo the request id and write the one access line of the request (with request id already set, so
-    the filter need not look it up again)."""
-    context = g._get_current_object()
-    request_id = context.get("request_id")
-    if request_id is None:
-        start_request()
-        request_id = context.request_id
-    response.headers["X-Request-ID"] = request_id
-    client = context.get("client")
-    method, path, status = request.method, request.path, response.status_code
+def write_access_line(request: Request, status: int, client: Any, started: float, request_id: str) -> None:
+    """The one access line of a request (its request id given, so the filter need not look it up)."""
     if access_log.isEnabledFor(logging.INFO):
+        method, path = request.method, request.path
         fields = {
             "method": method,
             "path": path,
             "status": status,
-            "duration_ms": round((time.perf_counter() - context.started) * 1000, 2),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             "client": client.name if client else None,
             "request_id": request_id,
         }
         access_log.info(f"{method} {path} {status}", extra={ACCESS_FIELDS: fields, "request_id": request_id})
-    return response
 
 
 def init_app(app: Flask) -> None:
-    """JSON logging at the configured level (gunicorn may have set it up); request ids; the access log."""
+    """JSON logging at the configured level (gunicorn may have set it up); the pipeline writes the access
+    line of each request."""
     configure(app.config["SETTINGS"].log_level)
     app.logger.handlers.clear()
     app.logger.propagate = True
-    app.before_request(start_request)
-    app.after_request(finish_request)

@@ -7,10 +7,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from flask import Flask, Response, g, request
-from flask.typing import TeardownCallable
+from flask import Flask, Request, Response, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -123,23 +122,11 @@ def check_multiprocess_dir() -> None:
         raise ConfigError(MULTIPROC_ENV, "must name an existing, writable directory")
 
 
-Passed = TypeVar("Passed")
-
-
-def label_method(passed: Passed) -> Passed:
-    """Just before the exporter records a request: a non-standard method reads as `_OTHER`."""
+def label_method(request: Request) -> None:
+    """Just before the exporter records a request (the pipeline's last step): a non-standard method reads
+    as `_OTHER`."""
     if request.method not in STANDARD_METHODS:
-        g.metrics_real_method = request.method
         request.method = OTHER_METHOD
-    return passed
-
-
-def restore_method(passed: Passed) -> Passed:
-    """Just after the exporter recorded a request: the real method again, for the hooks still to come."""
-    real_method = g.pop("metrics_real_method", None)
-    if real_method is not None:
-        request.method = real_method
-    return passed
 
 
 def init_app(app: Flask) -> None:
@@ -148,12 +135,7 @@ def init_app(app: Flask) -> None:
     exporter = GunicornInternalPrometheusMetrics.for_app_factory(
         path=None, group_by="url_rule", buckets=REQUEST_BUCKETS, excluded_paths=UNTRACKED_PATHS
     )
-    # Flask runs these hooks in reverse order of registration: the two pairs bracket the exporter's.
-    app.after_request(restore_method)
-    app.teardown_request(cast("TeardownCallable", restore_method))
     exporter.init_app(app)
-    app.after_request(label_method)
-    app.teardown_request(cast("TeardownCallable", label_method))
     app.add_url_rule("/metrics", "metrics", serve_metrics)
     settings = app.config["SETTINGS"]
     APP_INFO.labels(version=settings.version, commit=settings.commit).set(1)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import redis
 
+from catalog.cache.board import InvalidationBoard
 from catalog.cache.bounded import bounded_map, entry
 from catalog.cache.keys import INVALIDATION_CHANNEL, WHOLE_CACHE
 
@@ -31,15 +32,22 @@ RECONNECT_MIN_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 1.0
 
 
+Token = tuple[int, int]  # (this worker's invalidation epoch, the board's counter)
+
+
 class NearCache:
     """A thread-safe, byte-bounded map of products and list pages with an expiry per entry.
 
     Fills are guarded by tokens: a reader takes `product_token` / `page_token` before it asks Redis, and
-    `put_*` stores only if no invalidation (of that stripe, or of any page) happened since, so a value read
-    from Redis just before a write's invalidation can never land after it.
+    `put_*` stores only if no invalidation (of that stripe, or of any page) reached this worker since, so a
+    value read from Redis just before a write's invalidation can never land after it. Each entry also
+    keeps the board counter of its product (or of the list pages) as it was when the token was taken: a
+    write in any worker of this master bumps that counter before it answers, so no worker of the master
+    serves the old entry once the write has answered (other pods drop it when the message arrives).
     """
 
-    def __init__(self, max_bytes: int = NEAR_CACHE_BYTES) -> None:
+    def __init__(self, board: InvalidationBoard, max_bytes: int = NEAR_CACHE_BYTES) -> None:
+        self.board = board
         self.max_bytes = max_bytes
         self._entries = bounded_map(max_bytes)
         self._epochs = [0] * STRIPES
@@ -57,36 +65,44 @@ class NearCache:
         return len(self._entries)
 
     def product(self, product_id: str) -> bytes | None:
-        """The cached entry of a product, if live and not expired."""
+        """The cached entry of a product, if not expired nor retired by a write."""
         with self._lock:
             found = self._entries.get("p" + product_id)
-        return None if found is None else found.value
+        if found is None or found.stamp != self.board.read(self.board.slot(product_id)):
+            return None
+        return found.value
 
     def page(self, params: str) -> bytes | None:
-        """A cached list page of the current page generation."""
+        """A cached list page, if not expired nor retired by a write."""
         with self._lock:
             found = self._entries.get("l" + params)
-        return None if found is None or found.stamp != self._pages else found.value
+        if found is None or found.stamp != self._page_stamp(self._pages):
+            return None
+        return found.value
 
-    def product_token(self, product_id: str) -> int:
+    def product_token(self, product_id: str) -> Token:
         """Taken before asking Redis; `put_product` stores only if it still holds."""
-        return self._epochs[hash(product_id) % STRIPES]
+        return self._epochs[hash(product_id) % STRIPES], self.board.read(self.board.slot(product_id))
 
-    def page_token(self) -> int:
+    def page_token(self) -> Token:
         """Taken before asking Redis; `put_page` stores only if it still holds."""
-        return self._pages
+        return self._pages, self._page_stamp(self._pages)
 
-    def put_product(self, product_id: str, value: bytes, expires_at: float, token: int) -> None:
+    def _page_stamp(self, generation: int) -> int:
+        """Pages are retired by a write anywhere: of this master (the board) or elsewhere (a message)."""
+        return self.board.read(InvalidationBoard.LISTS) << 32 | generation & 0xFFFFFFFF
+
+    def put_product(self, product_id: str, value: bytes, expires_at: float, token: Token) -> None:
         """Keep a product's entry until `expires_at`, unless an invalidation came after `token`."""
         with self._lock:
-            if self.live and self._epochs[hash(product_id) % STRIPES] == token:
-                self._store("p" + product_id, value, expires_at, 0)
+            if self.live and self._epochs[hash(product_id) % STRIPES] == token[0]:
+                self._store("p" + product_id, value, expires_at, token[1])
 
-    def put_page(self, params: str, value: bytes, expires_at: float, token: int) -> None:
+    def put_page(self, params: str, value: bytes, expires_at: float, token: Token) -> None:
         """Keep a list page until `expires_at`, unless any write came after `token`."""
         with self._lock:
-            if self.live and self._pages == token:
-                self._store("l" + params, value, expires_at, token)
+            if self.live and self._pages == token[0]:
+                self._store("l" + params, value, expires_at, token[1])
 
     def drop(self, product_id: str) -> None:
         """A write: the product's entry and every list page go; fills in flight for them are refused."""
@@ -98,9 +114,7 @@ class NearCache:
     def flush(self) -> None:
         """Everything goes; every fill in flight is refused."""
         with self._lock:
-            self._epochs = [epoch + 1 for epoch in self._epochs]
-            self._pages += 1
-            self._entries.clear()
+            self._flush_locked()
 
     def enable(self) -> None:
         """The listener subscribed: start from nothing (invalidations may have been missed before)."""

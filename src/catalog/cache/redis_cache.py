@@ -64,7 +64,7 @@ class RedisCache:
         self.guarded = guarded
         self.ttl_seconds = ttl_seconds
         self.board = board
-        self.near = near or NearCache()
+        self.near = near or NearCache(board)
         self._fill = guarded.client.register_script(FILL_SCRIPT)
 
     @property
@@ -137,7 +137,9 @@ class RedisCache:
             log.warning("cache invalidation deferred: redis unavailable", extra={"product_id": product_id})
             return False
         finally:
-            # Again: a reader that took its token after the first drop may have read Redis before the delete.
+            # Every worker of this master stops serving its near-cached copy before the write answers (and
+            # a reader that took its token before this read Redis before the delete, so it is refused).
+            self.board.bump(self.board.slot(product_id), InvalidationBoard.LISTS)
             self.near.drop(product_id)
         return True
 
