@@ -2,7 +2,7 @@
 
 Before: the request id and clock; for /api/, the key (401, each failure counted per client IP: 429 past
 that limit), then the client's rate limit (429), then the key's scope (403). After: the RateLimit-*
-headers of an /api/ answer, X-Request-ID, the access line, and the method label the request metrics use.
+headers of an /api/ answer, X-Request-ID, the access line and the request metrics.
 Per-request state lives on the request's `g` (its id, clock, client and quota), set once each.
 """
 
@@ -16,7 +16,7 @@ from flask import Flask, Response, g, request
 from catalog.auth import Authenticator
 from catalog.limits import Quota, RateLimited, RateLimiter, rate_limit_headers
 from catalog.logs import REQUEST_ID, request_ids, write_access_line
-from catalog.metrics import label_method
+from catalog.metrics import RequestMetrics
 
 API_PREFIX = "/api/"
 
@@ -24,9 +24,10 @@ API_PREFIX = "/api/"
 class Pipeline:
     """`start` runs before every request, `finish` after it (also after an error answer)."""
 
-    def __init__(self, authenticator: Authenticator, limiter: RateLimiter) -> None:
+    def __init__(self, authenticator: Authenticator, limiter: RateLimiter, metrics: RequestMetrics) -> None:
         self.authenticator = authenticator
         self.limiter = limiter
+        self.metrics = metrics
 
     def start(self) -> None:
         """Before every request."""
@@ -53,9 +54,8 @@ class Pipeline:
         state: Any = g._get_current_object()
         state.quota = self.limiter.limit_auth_failure(req.remote_addr)
 
-    @staticmethod
-    def finish(response: Response) -> Response:
-        """After every request: headers, the access line, the metrics' method label."""
+    def finish(self, response: Response) -> Response:
+        """After every request: headers, the access line, the request metrics."""
         state: Any = g._get_current_object()
         req: Any = request._get_current_object()  # type: ignore[attr-defined]
         request_id = getattr(state, "request_id", None)
@@ -67,14 +67,24 @@ class Pipeline:
         if quota is not None:
             rate_limit_headers(quota, headers, response.status_code == 429)
         headers.add("X-Request-ID", request_id)
-        write_access_line(req, response.status_code, state.client, state.started, request_id)
-        label_method(req)
+        status = response.status_code
+        write_access_line(req, status, state.client, state.started, request_id)
+        self.metrics.record(req, status, state.started)
         return response
+
+    def teardown(self, error: BaseException | None) -> None:
+        """An exception no error handler answered still counts."""
+        if error is not None:
+            self.metrics.record_exception(request._get_current_object())  # type: ignore[attr-defined]
 
 
 def init_app(app: Flask) -> None:
-    """Register the pipeline's two hooks (after the metrics exporter's, so that `finish` runs before its
-    after-request hook and the method label is in place)."""
-    pipeline = Pipeline(app.extensions["catalog.authenticator"], app.extensions["catalog.limiter"])
+    """Register the pipeline's hooks."""
+    pipeline = Pipeline(
+        app.extensions["catalog.authenticator"],
+        app.extensions["catalog.limiter"],
+        app.extensions["catalog.request_metrics"],
+    )
     app.before_request(pipeline.start)
     app.after_request(pipeline.finish)
+    app.teardown_request(pipeline.teardown)
