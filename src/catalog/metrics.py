@@ -125,7 +125,8 @@ def check_multiprocess_dir() -> None:
 
 class RequestMetrics(GunicornInternalPrometheusMetrics):  # type: ignore[misc]
     """prometheus-flask-exporter in gunicorn multiprocess mode, with its default request metrics (same
-    names, labels and help) recorded by `record`, which the pipeline calls once per answer, instead of by
+    names, labels and help; not its exceptions counter, which errors.py's handler of every exception left
+    at 0) recorded by `record`, which the pipeline calls once per answer, instead of by
     the exporter's own hooks: those probe the request proxy four times and look each metric's child up by
     `labels(**kwargs)` on every request, about 70 us of CPU per request (bench/profile_app.py), a third of
     a cached read. Here each (method, URL rule, status) binds its two children once."""
@@ -156,12 +157,6 @@ class RequestMetrics(GunicornInternalPrometheusMetrics):  # type: ignore[misc]
             ("method", "status"),
             registry=self.registry,
         )
-        self.exceptions = Counter(
-            f"{prefix}_http_request_exceptions_total",
-            "Total number of HTTP requests which resulted in an exception",
-            ("method", "status"),
-            registry=self.registry,
-        )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def record(self, request: Request, status: int, started: float) -> None:
@@ -179,11 +174,6 @@ class RequestMetrics(GunicornInternalPrometheusMetrics):  # type: ignore[misc]
             )
         children[0].observe(max(time.perf_counter() - started, 0.0))
         children[1].inc()
-
-    def record_exception(self, request: Request) -> None:
-        """A request that ended in an exception no error handler answered."""
-        method = request.method if request.method in STANDARD_METHODS else OTHER_METHOD
-        self.exceptions.labels(method, 500).inc()
 
 
 def init_app(app: Flask) -> None:

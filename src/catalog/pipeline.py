@@ -72,11 +72,6 @@ class Pipeline:
         self.metrics.record(req, status, state.started)
         return response
 
-    def teardown(self, error: BaseException | None) -> None:
-        """An exception no error handler answered still counts."""
-        if error is not None:
-            self.metrics.record_exception(request._get_current_object())  # type: ignore[attr-defined]
-
 
 def init_app(app: Flask) -> None:
     """Register the pipeline's hooks."""
@@ -87,4 +82,3 @@ def init_app(app: Flask) -> None:
     )
     app.before_request(pipeline.start)
     app.after_request(pipeline.finish)
-    app.teardown_request(pipeline.teardown)
