@@ -14,7 +14,7 @@ run: export CATALOG_DATABASE_URL ?= sqlite:///var/catalog.db
 run: export CATALOG_API_KEYS_DIR ?= var/api-keys
 run: export PROMETHEUS_MULTIPROC_DIR ?= var/metrics
 
-.PHONY: run test lint typecheck install install-dev install-tools lock bench clean
+.PHONY: run test lint typecheck check-delivery e2e install install-dev install-tools lock bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +45,19 @@ test: install-dev install-tools lint typecheck
 	PATH="$$PATH:$(CURDIR)/$(TOOLS_VENV)/bin" $(VENV)/bin/pytest
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests bench gunicorn.conf.py
-	$(VENV)/bin/ruff format --check src tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff check src tests bench gunicorn.conf.py .github/scripts
+	$(VENV)/bin/ruff format --check src tests bench gunicorn.conf.py .github/scripts
 
 typecheck: install-dev
 	$(VENV)/bin/mypy
+
+# The chart, manifest, workflow and e2e-script checks alone (CI's lint job; `make test` runs them too).
+check-delivery: install-dev install-tools
+	PATH="$$PATH:$(CURDIR)/$(TOOLS_VENV)/bin" $(VENV)/bin/pytest tests/chart tests/k8s tests/delivery
+
+# End to end against the current kube context (kind: see the README's "Delivery"); E2E_SHAPE, E2E_IMAGE ...
+e2e:
+	bash tests/e2e/run.sh
 
 # Cached GET vs. a bare Flask endpoint and vs. the obvious stack (needs redis-server and wrk).
 bench: install-dev

@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 import yaml
 from tests import k8s_hardening as hardening
+from tests.fake_kubernetes import fake_kubernetes
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -816,114 +817,20 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- generated once (lookup)
 
 
-class _FakeKubernetes(BaseHTTPRequestHandler):
-    """A read-only Kubernetes API with discovery for the chart's kinds and some Secrets of an earlier install,
-    so `helm template --dry-run=server` runs the chart's `lookup` calls like an upgrade does."""
-
-    core: ClassVar[dict[str, str]] = {
-        "configmaps": "ConfigMap",
-        "secrets": "Secret",
-        "services": "Service",
-        "serviceaccounts": "ServiceAccount",
-        "pods": "Pod",
-        "persistentvolumeclaims": "PersistentVolumeClaim",
-    }
-    groups: ClassVar[dict[tuple[str, str], dict[str, str]]] = {
-        ("apps", "v1"): {"deployments": "Deployment", "statefulsets": "StatefulSet"},
-        ("policy", "v1"): {"poddisruptionbudgets": "PodDisruptionBudget"},
-        ("networking.k8s.io", "v1"): {"networkpolicies": "NetworkPolicy", "ingresses": "Ingress"},
-        ("autoscaling", "v2"): {"horizontalpodautoscalers": "HorizontalPodAutoscaler"},
-    }
-    secrets: ClassVar[dict[str, dict[str, str]]] = {
-        f"{RELEASE}-api-keys": {"default": "rotated-key-" + "a" * 30, "second": "another-key-" + "b" * 30},
-        f"{RELEASE}-redis": {"password": "existing-redis-password-" + "r" * 20},
-    }
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: Any) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    @staticmethod
-    def _resources(group_version: str, resources: dict[str, str]) -> dict[str, Any]:
-        return {
-            "kind": "APIResourceList",
-            "apiVersion": "v1",
-            "groupVersion": group_version,
-            "resources": [
-                {"name": n, "singularName": k.lower(), "namespaced": True, "kind": k, "verbs": ["get"]}
-                for n, k in resources.items()
-            ],
-        }
-
-    def do_GET(self) -> None:
-        path = self.path.split("?")[0]
-        name = path.rpartition("/")[2]
-        if path == "/version":
-            self._send(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"})
-        elif path == "/api":
-            self._send(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
-        elif path == "/apis":
-            groups = [
-                {
-                    "name": g,
-                    "versions": [{"groupVersion": f"{g}/{v}", "version": v}],
-                    "preferredVersion": {"groupVersion": f"{g}/{v}", "version": v},
-                }
-                for g, v in self.groups
-            ]
-            self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
-        elif path == "/api/v1":
-            self._send(200, self._resources("v1", self.core))
-        elif path.startswith("/apis/") and tuple(path.split("/")[2:]) in self.groups:
-            group, version = path.split("/")[2:]
-            self._send(200, self._resources(f"{group}/{version}", self.groups[(group, version)]))
-        elif path.rpartition("/")[0] == f"/api/v1/namespaces/{NAMESPACE}/secrets" and name in self.secrets:
-            meta = {
-                "name": name,
-                "namespace": NAMESPACE,
-                "labels": {"app.kubernetes.io/managed-by": "Helm"},
-                "annotations": {
-                    "meta.helm.sh/release-name": RELEASE,
-                    "meta.helm.sh/release-namespace": NAMESPACE,
-                },
-            }
-            data = {k: base64.b64encode(v.encode()).decode() for k, v in self.secrets[name].items()}
-            self._send(200, {"kind": "Secret", "apiVersion": "v1", "metadata": meta, "data": data})
-        else:
-            self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+# API keys (also ones rotated or added by hand since) and the Redis password an earlier install left.
+EARLIER_SECRETS = {
+    (NAMESPACE, f"{RELEASE}-api-keys"): {
+        "default": "rotated-key-" + "a" * 30,
+        "second": "another-key-" + "b" * 30,
+    },
+    (NAMESPACE, f"{RELEASE}-redis"): {"password": "existing-redis-password-" + "r" * 20},
+}
 
 
 @pytest.fixture(scope="module")
 def fake_kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKubernetes)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    config = tmp_path_factory.mktemp("kube") / "config"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}
-                ],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "namespace": NAMESPACE}}],
-                "current-context": "fake",
-                "users": [],
-            }
-        )
-    )
-    config.chmod(0o600)
-    yield config
-    server.shutdown()
-    server.server_close()
+    with fake_kubernetes(tmp_path_factory.mktemp("kube"), EARLIER_SECRETS, NAMESPACE) as config:
+        yield config
 
 
 @pytest.mark.parametrize("helm", HELMS)
@@ -936,8 +843,8 @@ def test_generated_secrets_are_kept_on_upgrade(helm: str, fake_kubeconfig: Path)
     assert proc.returncode == 0, proc.stderr
     docs = load_docs(proc.stdout)
     # the API keys (also ones rotated or added by hand since) and the Redis password are kept as they are
-    for name in (f"{RELEASE}-api-keys", f"{RELEASE}-redis"):
-        assert secret_data(one(docs, "Secret", name)) == _FakeKubernetes.secrets[name]
+    for namespace, name in EARLIER_SECRETS:
+        assert secret_data(one(docs, "Secret", name)) == EARLIER_SECRETS[(namespace, name)]
     # the PostgreSQL Secret did not exist yet: generated now
     assert len(secret_data(one(docs, "Secret", f"{RELEASE}-postgresql"))["password"]) == 32
 
