@@ -46,8 +46,8 @@ EXACT_TAIL_FRACTION = 0.1
 FIRST_SHARE = 1 / 16
 # Local counts reach Redis at least this often.
 SYNC_SECONDS = 0.1
-# Shares of past windows are forgotten beyond this many counters (every guessing IP is one).
-REMEMBERED_SHARES = 10_000
+# Counters (every guessing IP is one) remembered at most: their keys, and shares of past windows.
+REMEMBERED_COUNTERS = 10_000
 # For each key: INCRBY ARGV[2i-1]; a new counter (or one that somehow lost its expiry) expires after
 # ARGV[2i] seconds. Answers every key's count and remaining milliseconds.
 ADD_SCRIPT = """
@@ -161,13 +161,21 @@ class SharedCounter:
         self._add = guarded.client.register_script(ADD_SCRIPT) if guarded else None
         self._windows: dict[str, Window] = {}
         self._shares: dict[str, float] = {}  # per counter: this worker's share of its last window
+        self._keys: dict[tuple[tuple[RateLimitItem, ...], tuple[str, ...]], tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
     def hit(self, items: tuple[RateLimitItem, ...], *identifiers: str) -> Quota:
         """Count one request against every item; the quota to report (the first one breached, else the one
         with the least left)."""
         now = time.time()
-        quotas = [self._hit_one(item, item.key_for(*identifiers), now) for item in items]
+        keys = self._keys.get((items, identifiers))
+        if keys is None:
+            if len(self._keys) > REMEMBERED_COUNTERS:
+                self._keys.clear()
+            keys = self._keys[(items, identifiers)] = tuple(item.key_for(*identifiers) for item in items)
+        if len(items) == 1:
+            return self._hit_one(items[0], keys[0], now)
+        quotas = [self._hit_one(item, key, now) for item, key in zip(items, keys, strict=True)]
         return min(quotas, key=lambda quota: quota.remaining)
 
     def sync(self) -> None:
@@ -179,7 +187,7 @@ class SharedCounter:
                 if not window.pending and not window.sending:
                     self._shares[key] = window.share
                     del self._windows[key]
-            if len(self._shares) > REMEMBERED_SHARES:
+            if len(self._shares) > REMEMBERED_COUNTERS:
                 self._shares.clear()
             pushes = [(window, window.take()) for window in self._windows.values() if window.pending]
         if pushes:

@@ -96,7 +96,11 @@ def get_product(path: ProductPath) -> Response:
     """One product, with a strong ETag; `If-None-Match` with the current ETag answers 304."""
     version, body, cache_status = service().get(path.product_id)
     etag = f'"{version}"'
-    if request.if_none_match.contains_weak(version) or request.if_none_match.star_tag:
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    # If-None-Match is parsed only when sent (most reads send none).
+    if "HTTP_IF_NONE_MATCH" in req.environ and (
+        req.if_none_match.contains_weak(version) or req.if_none_match.star_tag
+    ):
         return Response(status=304, headers={"ETag": etag, "X-Cache": cache_status})
     return _json(body, {"ETag": etag, "X-Cache": cache_status})
 
