@@ -44,8 +44,10 @@ EXACT_TAIL_FRACTION = 0.1
 # Before a worker has seen its share of a counter's traffic it assumes this one; a batch is at most half
 # its share of the budget left above the tail.
 FIRST_SHARE = 1 / 16
-# Local counts reach Redis at least this often.
+# Local counts reach Redis at least this often, except in a window's last END_MARGIN_SECONDS (Redis may
+# already have started the next window there).
 SYNC_SECONDS = 0.1
+END_MARGIN_SECONDS = 0.02
 # Counters (every guessing IP is one) remembered at most: their keys, and shares of past windows.
 REMEMBERED_COUNTERS = 10_000
 # For each key: INCRBY ARGV[2i-1]; a new counter (or one that somehow lost its expiry) expires after
@@ -128,9 +130,10 @@ class Window:
         return above_tail > 0 and self.pending < max(1, int(above_tail * self.share / 2))
 
     def roll(self, now: float, expiry: int) -> None:
-        """The window ended: the next starts with this worker's unsent counts, unknown until Redis answers."""
-        self.shared = self.sending = 0
-        self.mine = self.pending
+        """The window ended: the next one starts empty, unknown until Redis answers. Counts of the old
+        window not sent yet are dropped: sent now, they would land in the next window's counter (and a
+        worker counting 429s locally at the end of a window would eat into the next one's budget)."""
+        self.shared = self.sending = self.pending = self.mine = 0
         self.synced = False
         self.ends_at = now + expiry
 
@@ -182,9 +185,13 @@ class SharedCounter:
         """Push every worker-local count to Redis and learn the shared counts (the background task)."""
         now = time.time()
         with self._lock:
+            # A window about to end gets no more counts pushed (see Window.roll); an ended one goes.
+            for window in self._windows.values():
+                if window.ends_at - END_MARGIN_SECONDS <= now:
+                    window.pending = 0
             for key in [key for key, window in self._windows.items() if window.ends_at <= now]:
                 window = self._windows[key]
-                if not window.pending and not window.sending:
+                if not window.sending:
                     self._shares[key] = window.share
                     del self._windows[key]
             if len(self._shares) > REMEMBERED_COUNTERS:
