@@ -464,6 +464,7 @@ def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
     }
     pods = [gunicorn(env), gunicorn(env)]
     passed: list[tuple[float, float]] = []  # (started, answered) of every 200
+    limited: list[tuple[float, float]] = []  # and of every 429
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -473,8 +474,7 @@ def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
                 started = time.monotonic()
                 status = session.get(url, headers=auth(), timeout=10).status_code
                 statuses.append(status)
-                if status == 200:
-                    passed.append((started, time.monotonic()))
+                (passed if status == 200 else limited).append((started, time.monotonic()))
 
     created = requests.post(f"{pods[0].url}/api/v1/products", json=product_body(), headers=auth(), timeout=10)
     path = f"/api/v1/products/{created.json()['id']}"
@@ -495,14 +495,18 @@ def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
     assert set(statuses) == {200, 429}, set(statuses)
     windows = watch.starts
     assert len(windows) >= seconds - 1, windows
-    per_window = []
+    per_window, contested = [], []
     for start, end in itertools.pairwise(windows):
         # A request decided in [start, end) lies there; one that straddles an edge counts on both sides.
         per_window.append(sum(1 for began, answered in passed if began < end and answered >= start))
+        contested.append(sum(1 for began, answered in limited if began >= start and answered < end) > 0)
     worst = max(per_window)
     print(
         f"limit {limit}/s, 2 pods x 2 workers, {len(statuses)} requests in {seconds:.0f} s, {len(passed)} "
         f"passed; per full window: {per_window} (max {worst}, {worst / limit:.2f} x the limit)"
     )
     assert worst <= 1.1 * limit, per_window
-    assert min(per_window) >= 0.9 * limit, per_window
+    # Where some requests were turned away, the budget was used (a loaded machine may not offer it all).
+    assert contested.count(True) >= 3, contested
+    used = [count for count, turned_away in zip(per_window, contested, strict=True) if turned_away]
+    assert min(used) >= 0.9 * limit, per_window
