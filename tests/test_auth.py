@@ -427,6 +427,16 @@ class TestFailClosed:
 class TestRereading:
     """Changes of the Secret take effect without restart, also in an idle worker and mid-swap."""
 
+    def test_keys_are_reread_off_the_request_path(self, keys_dir: SecretDir, app: Any) -> None:
+        """No request and no probe: a thread of the worker re-reads the Secret (so the gauge of an idle
+        worker is current too) and requests never scan the directory themselves."""
+        store = app.extensions["catalog.keys"]
+        assert store.count == 2
+        keys_dir.write({"rotated": new_key()})
+        took = wait_for(lambda: store.count == 1, ROTATION_DEADLINE_SECONDS)
+        assert [client.name for client in store.clients] == ["rotated"]
+        print(f"re-read by the worker's thread {took:.1f} s after the change")
+
     def test_added_changed_and_removed_keys_take_effect_without_restart(
         self, keys_dir: SecretDir, client: Any
     ) -> None:

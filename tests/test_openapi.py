@@ -3,6 +3,10 @@
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
+from tests.conftest import auth
+
+from catalog.api.schemas import ProductListQuery
 
 
 @pytest.fixture
@@ -66,3 +70,14 @@ def test_docs_page_lists_the_operations(client: Any) -> None:
     assert response.status_code == 200 and response.mimetype == "text/html"
     page = response.get_data(as_text=True)
     assert "/api/v1/products/{product_id}" in page and "/openapi.json" in page
+
+
+def test_the_query_models_schema_is_made_once_and_is_pydantics(client: Any) -> None:
+    """flask-openapi3 asks for the query model's schema on every list request: it is made once per class
+    (the same object each time), and it is exactly what pydantic makes."""
+    first = ProductListQuery.model_json_schema()
+    for _ in range(3):
+        assert client.get("/api/v1/products?limit=5", headers=auth()).status_code == 200
+    assert ProductListQuery.model_json_schema() is first
+    assert first == BaseModel.model_json_schema.__func__(ProductListQuery)  # type: ignore[attr-defined]
+    assert ProductListQuery.model_json_schema(mode="serialization") is not first
