@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import pytest
@@ -229,6 +230,28 @@ def build_app() -> Iterator[Callable[[Settings], Any]]:
 def make_client(build_app: Callable[[Settings], Any]) -> Callable[[Settings], Any]:
     """Build apps and return their test clients; they are closed after the test."""
     return lambda settings: build_app(settings).test_client()
+
+
+class ThreadLoop:
+    """`threads` threads running `_run(index)` until the `with` block ends (subclasses say what they do;
+    `_stop` is set at the end)."""
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(index,)) for index in range(threads)]
+
+    def __enter__(self) -> "Self":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
 
 
 # --- real servers ------------------------------------------------------------------------------------------

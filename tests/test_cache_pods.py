@@ -3,14 +3,13 @@ other's near-caches within 100 ms (the contract), measured; the invalidation lis
 restarted never lets an old value through, and the near-cache is used again once the listener is back."""
 
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
-from tests.conftest import WRITER_KEY, RedisServer, SecretDir, auth, product_body
+from tests.conftest import WRITER_KEY, RedisServer, SecretDir, ThreadLoop, auth, product_body
 from tests.test_cache import create_product, server_env
 
 from catalog.cache.keys import INVALIDATION_CHANNEL
@@ -20,28 +19,17 @@ OTHER_POD_SECONDS = 0.1
 WRITES = 200
 
 
-class Readers:
+class Readers(ThreadLoop):
     """Threads reading a product through one server as fast as they can, each on its own keep-alive
     connection (so both workers answer), recording (started, version, X-Cache) for every read."""
 
     def __init__(self, url: str, threads: int = 4) -> None:
+        super().__init__(threads)
         self.url = url
         self.reads: list[tuple[float, int, str]] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
-    def __enter__(self) -> "Readers":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def _run(self) -> None:
+    def _run(self, _index: int) -> None:
         with requests.Session() as session:
             while not self._stop.is_set():
                 started = time.monotonic()
