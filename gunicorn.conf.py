@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 from catalog import logs
-from catalog.config import ConfigError, Settings, check_metrics_dir
+from catalog.config import ConfigError, Settings, check_metrics_dir, listen_addresses
 
 try:
     settings = Settings.from_env()
@@ -22,7 +22,8 @@ from catalog import metrics
 from catalog.cache.board import BOARD_ENV
 
 wsgi_app = "catalog:create_app()"
-bind = [f"0.0.0.0:{settings.port}"]
+# Every interface, IPv4 and IPv6 (`make run` overrides it with --bind 127.0.0.1:$PORT).
+bind = listen_addresses(settings.port)
 workers = settings.web_concurrency
 # gthread, answering its own protocol-level errors as problem bodies too.
 worker_class = "catalog.gunicorn_worker.ProblemThreadWorker"

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -337,6 +338,124 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own: `initdb` and `pg_ctl` as the postgres user, on a free port, with
+    its socket in its own directory; the test may start it late, stop it and start it again."""
+
+    def __init__(self, server_options: tuple[str, ...] = ()) -> None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+        if not versions or shutil.which("runuser") is None or os.geteuid() != 0:
+            reason = "a private PostgreSQL needs /usr/lib/postgresql/<major>/bin, runuser and root"
+            if IN_CI:
+                pytest.fail(reason)
+            pytest.skip(reason)
+        self.bin = versions[-1].parent
+        self.root = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
+        shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.server_options = server_options
+        self._as_postgres(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+        )
+
+    def _as_postgres(self, *command: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["runuser", "-u", "postgres", "--", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.root,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command[0]} failed:\n{result.stdout}{result.stderr}"
+        return result
+
+    def start(self) -> None:
+        """Start and wait until it accepts connections (pg_ctl -w)."""
+        options = " ".join(
+            [
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.root),
+                *self.server_options,
+            ]
+        )
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        """Stop at once (`-m immediate`), if running."""
+        if (self.data / "postmaster.pid").exists():
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def url(self, user: str = "postgres", database: str = "postgres", password: str | None = None) -> str:
+        """A postgresql:// URL over TCP (the password, if given, URL-quoted)."""
+        secret = f":{quote(password, safe='')}" if password is not None else ""
+        return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/{database}"
+
+    def psql(
+        self, *arguments: str, user: str = "postgres", database: str = "postgres", over_socket: bool = False
+    ) -> str:
+        """Run psql over TCP or the server's Unix socket (ON_ERROR_STOP); return its output, fail the test on
+        an error."""
+        result = subprocess.run(
+            [
+                str(self.bin / "psql"),
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.root) if over_socket else "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                user,
+                "-d",
+                database,
+                *arguments,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+            check=False,
+        )
+        assert result.returncode == 0, f"psql {arguments}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def remove(self) -> None:
+        """Stop and delete the data directory."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[Callable[..., PrivatePostgres]]:
+    """Make private PostgreSQL servers (initialised, not started): `private_postgres(server_options)`."""
+    servers: list[PrivatePostgres] = []
+
+    def make(server_options: tuple[str, ...] = ()) -> PrivatePostgres:
+        servers.append(PrivatePostgres(server_options))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.remove()
 
 
 class Gunicorn:

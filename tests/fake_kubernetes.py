@@ -1,9 +1,9 @@
 """A read-only fake Kubernetes API server for `helm --dry-run=server` and `kubectl --dry-run=client`.
 
 It serves discovery for the kinds the chart, the kustomize manifests and tests/e2e use, `/version`, GETs
-and label-selected lists of the Secrets it is given (as an earlier install would have left them) and empty
-lists of everything else; writes are refused. Enough for helm's `lookup`, its release-history queries and
-kubectl's client-side dry runs, and nothing more.
+and label-selected lists of the Secrets it is given (as an earlier install would have left them), GETs of
+other objects it is given, and empty lists of everything else; writes are refused. Enough for helm's
+`lookup`, its release-history queries and kubectl's client-side dry runs, and nothing more.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ GROUPS: dict[tuple[str, str], dict[str, str]] = {
 
 # (namespace, name) -> data of a Secret that "exists"
 Secrets = Mapping[tuple[str, str], Mapping[str, str]]
+# (namespace, resource, name) -> another object that "exists", e.g. ("catalog", "statefulsets", "db")
+Objects = Mapping[tuple[str, str, str], Mapping[str, Any]]
 
 
 def _resources(group_version: str, resources: dict[str, str], namespaced: bool = True) -> dict[str, Any]:
@@ -62,6 +64,7 @@ def _resources(group_version: str, resources: dict[str, str], namespaced: bool =
 
 class _Handler(BaseHTTPRequestHandler):
     secrets: ClassVar[Secrets] = {}
+    objects: ClassVar[Objects] = {}
     release: ClassVar[str] = "catalog"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -136,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self._list(kinds[rest[0]], namespace, selector))
         elif len(rest) == 2 and rest[0] == "secrets" and (namespace, rest[1]) in self.secrets:
             self._send(200, self._secret(namespace, rest[1]))
+        elif len(rest) == 2 and (namespace, rest[0], rest[1]) in self.objects:
+            self._send(200, self.objects[(namespace, rest[0], rest[1])])
         else:
             self._not_found()
 
@@ -161,9 +166,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def fake_kubernetes(directory: Path, secrets: Secrets, namespace: str) -> Iterator[Path]:
-    """Serve a fake API with `secrets`; yield a kubeconfig (context namespace `namespace`) pointing at it."""
-    handler = type("Handler", (_Handler,), {"secrets": dict(secrets)})
+def fake_kubernetes(
+    directory: Path, secrets: Secrets, namespace: str, objects: Objects | None = None
+) -> Iterator[Path]:
+    """Serve a fake API with `secrets` (and other `objects`); yield a kubeconfig (context namespace
+    `namespace`) pointing at it."""
+    handler = type("Handler", (_Handler,), {"secrets": dict(secrets), "objects": dict(objects or {})})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -169,13 +169,14 @@ def _fail(problems: list[str], what: str) -> None:
 # ---------------------------------------------------------------------------------------- assertions
 
 
-def assert_containers_hardened(docs: Iterable[Any], app_uid: int = APP_UID) -> None:
+def assert_containers_hardened(docs: Iterable[Any], app_uid: int | None = APP_UID) -> None:
     """Every container (init containers too) of every workload is hardened and has resources.
 
     Effective security context (container over pod): runAsNonRoot true, a non-zero runAsUser if set,
     readOnlyRootFilesystem true, allowPrivilegeEscalation false, privileged not true, capabilities
     drop ALL (nothing added), seccomp RuntimeDefault (or Localhost); resources requests for cpu and
-    memory and a memory limit. The app container runs as `app_uid` (user and group).
+    memory and a memory limit. The app container runs as `app_uid` (user and group); with `app_uid` None no
+    workload fixes a UID, GID or fsGroup (OpenShift's SCC assigns them).
     Pods: no hostNetwork/hostPID/hostIPC, no hostPath volumes.
     """
     problems: list[str] = []
@@ -203,7 +204,12 @@ def assert_containers_hardened(docs: Iterable[Any], app_uid: int = APP_UID) -> N
             uid = eff("runAsUser")
             if uid is not None and uid == 0:
                 problems.append(f"{where}: runAsUser is 0")
-            if app is not None and c is app:
+            if app_uid is None:
+                fixed = [k for k in ("runAsUser", "runAsGroup") if k in sc or k in pod_sc]
+                fixed += ["fsGroup"] if "fsGroup" in pod_sc else []
+                if fixed:
+                    problems.append(f"{where}: fixes {fixed}, which the platform must assign")
+            elif app is not None and c is app:
                 if uid != app_uid:
                     problems.append(f"{where}: runAsUser is {uid}, want {app_uid}")
                 gid = eff("runAsGroup")
@@ -366,8 +372,8 @@ def _selector_problems(where: str, selector: Any) -> list[str]:
 
 def assert_selectors_name_instance(docs: Iterable[Any]) -> None:
     """Selectors of Deployments, StatefulSets, Services, PDBs and NetworkPolicies (their podSelector and
-    peer podSelectors, when not empty) and topology spread constraints are exactly name + instance, and
-    each workload's pods carry its selector's labels."""
+    same-namespace peer podSelectors, when not empty) and topology spread constraints are exactly name +
+    instance, and each workload's pods carry its selector's labels."""
     docs = flatten(docs)
     problems = []
     for d in docs:
@@ -390,7 +396,9 @@ def assert_selectors_name_instance(docs: Iterable[Any]) -> None:
             for direction in ("ingress", "egress"):
                 for rule in spec.get(direction) or []:
                     for peer in rule.get("from") or rule.get("to") or []:
-                        if peer.get("podSelector"):
+                        # a peer with a namespaceSelector picks another app's pods (e.g. Prometheus): its
+                        # labels are that app's, not ours
+                        if peer.get("podSelector") and "namespaceSelector" not in peer:
                             problems += _selector_problems(f"{where} {direction} peer", peer["podSelector"])
     _fail(problems, "selectors")
 

@@ -1,14 +1,17 @@
 """The `catalog` command: migrations safe to run from many replicas at once, and the demo seed."""
 
+import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from tests.conftest import free_port
 
 
 def run_cli(*arguments: str, database_url: str) -> subprocess.CompletedProcess[str]:
@@ -90,3 +93,78 @@ def test_the_cli_writes_no_metric_files(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
     assert list(metrics_dir.iterdir()) == []
+
+
+def _cli_lines(output: str) -> list[dict[str, Any]]:
+    """The command's own log lines (every line must be JSON; alembic's are left out)."""
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    return [r for r in records if r["logger"] == "catalog.cli"]
+
+
+def test_upgrade_waits_for_a_postgresql_that_comes_up_late(private_postgres: Any) -> None:
+    """`db upgrade --wait` retries with growing pauses, one JSON line per failed attempt, until the server
+    (started only after the command has failed twice) answers; then it migrates."""
+    server = private_postgres()
+    env = {"PATH": os.environ["PATH"], "CATALOG_DATABASE_URL": server.url()}
+    lines = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "catalog.cli", "db", "upgrade", "--wait", "90"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:  # the server stays down until two attempts have failed
+                lines.append(line)
+                if sum("not reachable yet" in seen for seen in lines) == 2:
+                    break
+            server.start()
+            lines += process.stdout.readlines()
+            assert process.wait(timeout=120) == 0, "".join(lines)
+        finally:
+            process.kill()
+    records = _cli_lines("".join(lines))
+    failed = [r for r in records if r["message"] == "database not reachable yet"]
+    assert len(failed) >= 2
+    assert [r["attempt"] for r in failed] == list(range(1, len(failed) + 1))
+    assert all(r["level"] == "WARNING" and r["error_type"] == "OperationalError" for r in failed)
+    assert all("refused" in r["error"] or "connect" in r["error"] for r in failed), failed
+    pauses = [r["retry_in_seconds"] for r in failed]
+    assert pauses == sorted(pauses) and pauses[1] > pauses[0], "the pause grows (backoff)"
+    assert {"attempt": len(failed) + 1}.items() <= next(
+        r for r in records if r["message"] == "database reachable"
+    ).items()
+    assert records[-1]["message"] == "database schema is up to date"
+    assert server.psql("-At", "-c", "SELECT version_num FROM alembic_version").split() == ["0001"]
+
+
+def test_upgrade_gives_up_after_its_wait_with_one_line_per_attempt(tmp_path: Path) -> None:
+    url = f"postgresql://catalog@127.0.0.1:{free_port()}/catalog"  # nothing listens there
+    result = run_cli("db", "upgrade", "--wait", "1.5", database_url=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    records = _cli_lines(result.stdout)
+    *retries, last = records
+    assert len(retries) >= 2
+    assert all(r["message"] == "database not reachable yet" for r in retries)
+    assert last["level"] == "ERROR"
+    assert last["message"] == "database not reachable: giving up"
+    assert last["error_type"] == "OperationalError"
+    assert last["attempt"] == len(retries) + 1
+    assert last["wait_seconds"] == 1.5
+
+
+def test_upgrade_without_wait_tries_once() -> None:
+    url = f"postgresql://catalog@127.0.0.1:{free_port()}/catalog"
+    result = run_cli("db", "upgrade", database_url=url)
+    assert result.returncode == 1
+    (record,) = _cli_lines(result.stdout)
+    assert (record["message"], record["attempt"]) == ("database not reachable: giving up", 1)
+
+
+def test_upgrade_refuses_a_bad_wait() -> None:
+    result = run_cli("db", "upgrade", "--wait", "soon", database_url="sqlite://")
+    assert result.returncode == 2
+    assert "not a number of seconds" in result.stderr

@@ -1,7 +1,10 @@
 """The real gunicorn: several workers, graceful SIGTERM, and protocol errors as problem bodies."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -9,7 +12,8 @@ from typing import Any
 
 import pytest
 import requests
-from tests.conftest import WRITER_KEY, SecretDir, auth, product_body
+from tests.conftest import ROOT, WRITER_KEY, SecretDir, auth, product_body
+from tests.tools import IN_CI, require_tool
 
 
 @pytest.fixture
@@ -115,3 +119,122 @@ def test_an_embedded_sqlite_database_gets_its_schema_at_start(
     )
     response = requests.post(f"{fresh.url}/api/v1/products", json=product_body(), headers=auth(), timeout=10)
     assert response.status_code == 201
+
+
+# ------------------------------------------------------------------------------------ IPv4 and IPv6
+
+# Run inside a fresh network namespace: start gunicorn with gunicorn.conf.py, then report which loopback
+# addresses answer /livez (JSON on stdout).
+_LOOPBACK_PROBE = r"""
+import json, os, subprocess, sys, time, urllib.request
+server = subprocess.Popen(
+    [sys.executable, "-m", "gunicorn", "-c", os.environ["GUNICORN_CONF"], *sys.argv[1:]],
+    stdout=open(os.environ["GUNICORN_LOG"], "wb"), stderr=subprocess.STDOUT,
+)
+answers = {}
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and server.poll() is None:
+    for name, host in (("ipv4", "127.0.0.1"), ("ipv6", "[::1]")):
+        try:
+            with urllib.request.urlopen(f"http://{host}:{os.environ['PORT']}/livez", timeout=2) as answer:
+                answers[name] = answer.status
+        except OSError as error:
+            answers.setdefault(name, type(error).__name__)
+    if answers.get("ipv4") == 200:
+        break
+    answers.clear()
+    time.sleep(0.2)
+exited = server.poll()
+server.terminate()
+server.wait(30)
+print(json.dumps({"answers": answers, "exited": exited}))
+"""
+
+# A kernel without IPv6 (booted with ipv6.disable=1): every AF_INET6 socket fails as it would there.
+_NO_INET6_SITECUSTOMIZE = """
+import errno, socket
+
+class _NoInet6Socket(socket.socket):
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        super().__init__(family, type, proto, fileno)
+
+socket.socket = _NoInet6Socket
+"""
+
+NETWORKS = {
+    # name: (sysctls set in the namespace, simulate a kernel without IPv6, gunicorn arguments, answers)
+    "dual-stack": ((), False, (), {"ipv4": 200, "ipv6": 200}),
+    "ipv6 sockets are v6-only": (("net.ipv6.bindv6only=1",), False, (), {"ipv4": 200, "ipv6": 200}),
+    "ipv6 switched off": (
+        ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"),
+        False,
+        (),
+        {"ipv4": 200},
+    ),
+    "kernel without ipv6": ((), True, (), {"ipv4": 200}),
+    "make run binds 127.0.0.1": ((), False, ("--bind", "127.0.0.1:8080"), {"ipv4": 200}),
+}
+
+
+def _probe_loopbacks(
+    tmp_path: Path, sysctls: tuple[str, ...], no_inet6: bool, arguments: tuple[str, ...], env: dict[str, str]
+) -> dict[str, Any]:
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        reason = "a network namespace of the test's own needs root"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = {
+        **env,
+        "PATH": os.environ["PATH"],
+        "PORT": "8080",  # the namespace is empty: any port is free
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        "GUNICORN_CONF": str(ROOT / "gunicorn.conf.py"),
+        "GUNICORN_LOG": str(tmp_path / "gunicorn.log"),
+    }
+    if no_inet6:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(_NO_INET6_SITECUSTOMIZE)
+        env["PYTHONPATH"] = str(tmp_path / "site")
+    setup = "ip link set lo up" + "".join(f" && sysctl -qw {s}" for s in sysctls)
+    command = f'{setup} && script="$1" && shift && exec "$0" -c "$script" "$@"'
+    result = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", command, sys.executable, _LOOPBACK_PROBE, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    outcome["log"] = (tmp_path / "gunicorn.log").read_text(errors="replace")
+    return outcome
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_the_server_answers_on_every_loopback_the_network_has(
+    tmp_path: Path, sqlite_url: str, keys_dir: SecretDir, network: str
+) -> None:
+    """gunicorn.conf.py binds IPv4 and IPv6 wherever they exist, and starts on a host without IPv6."""
+    sysctls, no_inet6, arguments, expected = NETWORKS[network]
+    env = {"CATALOG_DATABASE_URL": sqlite_url, "CATALOG_API_KEYS_DIR": str(keys_dir.path)}
+    outcome = _probe_loopbacks(tmp_path, sysctls, no_inet6, arguments, env)
+    answered = {name: status for name, status in outcome["answers"].items() if status == 200}
+    assert answered == expected, outcome
+
+
+def test_a_bare_ipv6_bind_fails_on_a_kernel_without_ipv6(
+    tmp_path: Path, sqlite_url: str, keys_dir: SecretDir
+) -> None:
+    """Why gunicorn.conf.py probes first: gunicorn itself does not fall back from `[::]`."""
+    env = {"CATALOG_DATABASE_URL": sqlite_url, "CATALOG_API_KEYS_DIR": str(keys_dir.path)}
+    outcome = _probe_loopbacks(tmp_path, (), True, ("--bind", "[::]:8080"), env)
+    assert outcome["exited"] not in (None, 0), outcome
+    assert "ipv4" not in {k for k, v in outcome["answers"].items() if v == 200}

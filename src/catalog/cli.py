@@ -8,20 +8,75 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 from catalog import logs
 from catalog.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
 
 log = logging.getLogger("catalog.cli")
 
 # Shared by every replica: whoever holds it migrates; the others wait, then find nothing to do.
 MIGRATION_LOCK_ID = 0x63617461  # "cata"
+# Pauses between connection attempts of `db upgrade --wait`: doubling from the first, capped.
+FIRST_RETRY_SECONDS = 0.5
+MAX_RETRY_SECONDS = 5.0
 
 
-def upgrade(settings: Settings) -> None:
-    """Migrate to the newest schema; on PostgreSQL under an advisory lock, so replicas can all run it."""
+class DatabaseNotReachable(Exception):
+    """The database did not accept a connection within the time `db upgrade --wait` allowed."""
+
+
+def connect_waiting(engine: Engine, wait_seconds: float) -> Connection:
+    """A connection, retried with backoff for up to `wait_seconds` (a database still starting up, e.g. the
+    chart's PostgreSQL on a first install); each failed attempt is one log line naming the error type."""
+    from sqlalchemy.exc import OperationalError
+
+    started = time.monotonic()
+    pause = FIRST_RETRY_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            connection = engine.connect()
+        except OperationalError as error:
+            waited = time.monotonic() - started
+            remaining = wait_seconds - waited
+            fields = {
+                "attempt": attempt,
+                "error_type": type(error.orig).__name__,
+                "error": _first_line(error.orig, engine),
+                "waited_seconds": round(waited, 1),
+            }
+            if remaining <= 0:
+                log.error("database not reachable: giving up", extra={**fields, "wait_seconds": wait_seconds})
+                raise DatabaseNotReachable from None
+            retry_in = min(pause, remaining)
+            fields["retry_in_seconds"] = round(retry_in, 1)
+            log.warning("database not reachable yet", extra=fields)
+            time.sleep(retry_in)
+            pause = min(pause * 2, MAX_RETRY_SECONDS)
+        else:
+            if attempt > 1:
+                log.info("database reachable", extra={"attempt": attempt})
+            return connection
+
+
+def _first_line(error: BaseException | None, engine: Engine) -> str:
+    """The driver's message, first line only, without the password should a driver ever echo it."""
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    password = engine.url.password
+    return message.replace(str(password), "***") if password else message
+
+
+def upgrade(settings: Settings, wait_seconds: float = 0) -> None:
+    """Migrate to the newest schema; on PostgreSQL under an advisory lock, so replicas can all run it.
+    The first connection is retried for up to `wait_seconds` (raises DatabaseNotReachable after that)."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import text
@@ -31,7 +86,12 @@ def upgrade(settings: Settings) -> None:
     engine = make_engine(settings)
     config = Config()
     config.set_main_option("script_location", "catalog:migrations")
-    with engine.connect() as connection:
+    try:
+        connection = connect_waiting(engine, wait_seconds)
+    except DatabaseNotReachable:
+        engine.dispose()
+        raise
+    with connection:
         postgres = connection.dialect.name == "postgresql"
         if postgres:
             connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
@@ -89,13 +149,32 @@ def dev_keys(settings: Settings) -> None:
     )
 
 
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `catalog` console script."""
     parser = argparse.ArgumentParser(prog="catalog", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     database = commands.add_parser("db", help="database schema and data")
     database_commands = database.add_subparsers(dest="action", required=True)
-    database_commands.add_parser("upgrade", help="migrate to the newest schema (safe to run concurrently)")
+    upgrade_parser = database_commands.add_parser(
+        "upgrade", help="migrate to the newest schema (safe to run concurrently)"
+    )
+    upgrade_parser.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0,
+        metavar="SECONDS",
+        help="retry connecting for up to SECONDS, with backoff, while the database starts (default: 0)",
+    )
     database_commands.add_parser("seed", help="load demo products into an empty catalog")
     commands.add_parser("dev-keys", help="make a local API key for `make run` and print a curl line")
     arguments = parser.parse_args(argv)
@@ -111,7 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "dev-keys":
         dev_keys(settings)
     elif arguments.action == "upgrade":
-        upgrade(settings)
+        try:
+            upgrade(settings, arguments.wait)
+        except DatabaseNotReachable:
+            return 1
     else:
         seed(settings)
     return 0

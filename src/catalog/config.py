@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -200,3 +201,15 @@ def read_secret_file(path: str) -> str:
     """A mounted Secret's value, surrounding whitespace trimmed."""
     with open(path, encoding="utf-8") as secret:
         return secret.read().strip()
+
+
+def listen_addresses(port: int) -> list[str]:
+    """gunicorn binds for every interface on IPv4 and IPv6 (IPv4-only, IPv6-only and dual-stack pods alike):
+    `[::]`, which takes IPv4 too as mapped addresses; `[::]` and `0.0.0.0` where IPv6 sockets are IPv6-only
+    (net.ipv6.bindv6only=1); `0.0.0.0` alone on a kernel without IPv6."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            v6_only = probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except OSError:
+        return [f"0.0.0.0:{port}"]
+    return [f"[::]:{port}", f"0.0.0.0:{port}"] if v6_only else [f"[::]:{port}"]

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jsonschema
 import pytest
@@ -61,8 +57,15 @@ CRD_SCHEMAS = {
     "HTTPRoute": "httproute.schema.json",
 }
 
-# Checks of the scanners that do not apply, each with its reason: (check id, resource pattern, reason).
+# Checks of the scanners that do not apply, each with its reason: (check id, pattern, reason); checkov's
+# patterns match "<id> <resource> (<scenario file>)".
 CHECKOV_SKIPS = [
+    (
+        "CKV_K8S_40",
+        r"\(openshift\.yaml\)$",
+        "On OpenShift the restricted-v2 SCC assigns a high UID from the namespace's range (e.g. 1000680000): "
+        "the chart leaves runAsUser unset there on purpose.",
+    ),
     (
         "CKV_K8S_43",
         r".*",
@@ -87,6 +90,12 @@ CHECKOV_SKIPS = [
     ),
 ]
 TRIVY_SKIPS = [
+    (
+        "KSV-0109",
+        r"ConfigMap '[^']*-postgresql'.*CREATE ROLE",
+        "False positive: the roles script reads both passwords from the mounted Secret at initdb "
+        "(psql `\\set ... `sed ... /var/run/secrets/postgresql/...``); the ConfigMap holds no password.",
+    ),
     (
         "KSV-0109",
         r"ConfigMap '[^']*-dashboard'",
@@ -335,7 +344,8 @@ def test_dashboard_configmap_for_the_grafana_sidecar(renders: Renders) -> None:
 @pytest.mark.parametrize("helm", HELMS)
 def test_hardening(renders: Renders, helm: str, scenario: str) -> None:
     docs = renders.docs(helm, scenario)
-    hardening.assert_containers_hardened(docs)
+    # the openshift scenario leaves UIDs to the restricted-v2 SCC
+    hardening.assert_containers_hardened(docs, app_uid=None if scenario == "openshift" else hardening.APP_UID)
     hardening.assert_app_probes(docs)
     hardening.assert_api_keys_secret_mounted(docs)
     hardening.assert_no_secret_in_env(docs)
@@ -445,7 +455,7 @@ def _app_env(docs: list[dict[str, Any]]) -> dict[str, str]:
 def test_defaults_scenario(renders: Renders) -> None:
     docs = renders.docs("helm4", "defaults")
     env = _app_env(docs)
-    assert env["CATALOG_DATABASE_URL"] == f"postgresql://catalog@{RELEASE}-postgresql:5432/catalog"
+    assert env["CATALOG_DATABASE_URL"] == f"postgresql://catalog_app@{RELEASE}-postgresql:5432/catalog"
     assert env["CATALOG_REDIS_URL"] == f"redis://{RELEASE}-redis:6379/0"
     assert env["CATALOG_DATABASE_PASSWORD_FILE"] == "/var/run/secrets/catalog/database/password"
     assert env["CATALOG_REDIS_PASSWORD_FILE"] == "/var/run/secrets/catalog/redis/password"
@@ -454,7 +464,7 @@ def test_defaults_scenario(renders: Renders) -> None:
     assert deployment["metadata"]["name"] == RELEASE
     pod = deployment["spec"]["template"]
     (migrate,) = pod["spec"]["initContainers"]
-    assert migrate["args"] == ["catalog", "db", "upgrade"]
+    assert migrate["args"] == ["catalog", "db", "upgrade", "--wait", "120"]
     assert "command" not in migrate, "the image entrypoint must run (it prepares the metrics dir)"
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -464,7 +474,7 @@ def test_defaults_scenario(renders: Renders) -> None:
     # Redis: own Deployment + Service, password from a generated Secret kept across upgrades
     redis = one(docs, "Deployment", f"{RELEASE}-redis")
     (redis_container,) = redis["spec"]["template"]["spec"]["containers"]
-    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-\w+", redis_container["image"])
+    assert re.fullmatch(r"docker\.io/library/redis:\d+\.\d+\.\d+-\w+", redis_container["image"])
     one(docs, "Service", f"{RELEASE}-redis")
     conf = one(docs, "ConfigMap", f"{RELEASE}-redis")["data"]["redis.conf"]
     assert "maxmemory-policy allkeys-lru" in conf
@@ -474,7 +484,7 @@ def test_defaults_scenario(renders: Renders) -> None:
     # PostgreSQL: StatefulSet + PVC, pg_isready probes, official image pinned
     pg = one(docs, "StatefulSet", f"{RELEASE}-postgresql")
     (pg_container,) = pg["spec"]["template"]["spec"]["containers"]
-    assert re.fullmatch(r"postgres:\d+\.\d+-\w+", pg_container["image"])
+    assert re.fullmatch(r"docker\.io/library/postgres:\d+\.\d+-\w+", pg_container["image"])
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert "pg_isready" in " ".join(pg_container[probe]["exec"]["command"])
     assert {e["name"] for e in pg_container["env"]} >= {"POSTGRES_PASSWORD_FILE", "PGDATA"}
@@ -564,8 +574,11 @@ def test_ha_scenario(renders: Renders) -> None:
             "matchLabels": {"app.kubernetes.io/name": "catalog", "app.kubernetes.io/instance": RELEASE}
         },
     }
-    (rule,) = one(docs, "NetworkPolicy", RELEASE)["spec"]["ingress"]
-    assert len(rule["from"]) == 3, "the two allowed namespaces and the helm test pods"
+    rule, prometheus = one(docs, "NetworkPolicy", RELEASE)["spec"]["ingress"]
+    assert len(rule["from"]) == 2, "the ingress controller's namespace and the helm test pods"
+    assert prometheus["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
     spread = hardening.app_pod_spec(docs)["topologySpreadConstraints"]
     assert {c["whenUnsatisfiable"] for c in spread} == {"DoNotSchedule"}
     for kind in ("ServiceMonitor", "PrometheusRule", "Ingress", "HTTPRoute"):
@@ -661,104 +674,6 @@ def test_chart_metadata() -> None:
     assert chart["kubeVersion"]
     assert chart["appVersion"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
-
-
-def test_notes_show_key_port_forward_and_curl() -> None:
-    binary = require_tool("helm4")  # helm 3 needs a cluster even for --dry-run=client
-    proc = run([binary, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"])
-    assert proc.returncode == 0, proc.stderr
-    notes = proc.stdout.split("NOTES:", 1)[1]
-    assert f"kubectl get secret --namespace {NAMESPACE} {RELEASE}-api-keys" in notes
-    assert "{.data.default}" in notes
-    assert f"kubectl port-forward --namespace {NAMESPACE} service/{RELEASE} 8080:80" in notes
-    assert 'curl -s -H "X-Api-Key: $CATALOG_API_KEY" http://127.0.0.1:8080/api/v1/products' in notes
-
-
-# ------------------------------------------------------------------------------------- helm test pods
-
-
-class _FakeCatalog(BaseHTTPRequestHandler):
-    """Just enough of the catalog API for the helm test scripts."""
-
-    key = "k" * 32
-    products: ClassVar[dict[str, dict[str, Any]]] = {}
-    reads: ClassVar[dict[str, int]] = {}
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _authorised(self) -> bool:
-        if self.headers.get("X-Api-Key") != self.key:
-            self._send(401, {"title": "Unauthorized"})
-            return False
-        return True
-
-    def do_GET(self) -> None:
-        if self.path == "/readyz":
-            self._send(200, {"status": "ok", "checks": {}})
-        elif self.path.startswith("/api/v1/products?"):
-            if self._authorised():
-                self._send(200, {"items": list(self.products.values())[:1], "next_cursor": None})
-        elif self.path.startswith("/api/v1/products/"):
-            if self._authorised():
-                pid = self.path.rsplit("/", 1)[1]
-                self.reads[pid] = self.reads.get(pid, 0) + 1
-                cache = "HIT" if self.reads[pid] > 1 else "MISS"
-                self._send(200, self.products[pid], {"X-Cache": cache})
-        else:
-            self._send(404, {})
-
-    def do_POST(self) -> None:
-        if self._authorised():
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            product = {**body, "id": hashlib.sha256(body["sku"].encode()).hexdigest()[:12], "version": 1}
-            self.products[product["id"]] = product
-            self._send(201, product)
-
-
-@pytest.fixture(scope="module")
-def fake_catalog() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeCatalog)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_helm_test_pods_pass_against_a_fake_catalog(
-    renders: Renders, fake_catalog: str, tmp_path: Path
-) -> None:
-    docs = renders.docs("helm4", "defaults")
-    pods = {d["metadata"]["name"]: d for d in by_kind(docs, "Pod")}
-    assert set(pods) == {f"{RELEASE}-test-readyz", f"{RELEASE}-test-api", f"{RELEASE}-test-cache"}
-    keys_dir = tmp_path / "api-keys"
-    keys_dir.mkdir()
-    (keys_dir / "..data").mkdir()
-    (keys_dir / "reader").write_text('{"sha256": "' + "0" * 64 + '"}')
-    (keys_dir / "tester").write_text(_FakeCatalog.key + "\n")
-    for name in sorted(pods, key=lambda n: pods[n]["metadata"]["annotations"]["helm.sh/hook-weight"]):
-        pod = pods[name]
-        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-        (container,) = pod["spec"]["containers"]
-        assert container["command"][:2] == ["python3", "-c"]
-        script = container["command"][2].replace("/var/run/secrets/catalog/api-keys", str(keys_dir))
-        env = {e["name"]: e["value"] for e in container["env"]}
-        env["CATALOG_URL"] = fake_catalog
-        proc = run([sys.executable, "-c", script], env={**os.environ, **env}, timeout=60)
-        assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
-        assert "PASS" in proc.stdout, proc.stdout
-    assert "PASS: cache HIT on the second GET" in proc.stdout
 
 
 # ------------------------------------------------------------------------------- redis config, for real
@@ -873,7 +788,7 @@ def test_checkov_finds_nothing_unexplained(rendered_dir: Path) -> None:
         assert report["summary"]["passed"] > 0
         for check in report["results"]["failed_checks"]:
             where = f"{check['check_id']} {check['resource']} ({Path(check['file_path']).name})"
-            reason = _skip_reason(CHECKOV_SKIPS, check["check_id"], check["resource"])
+            reason = _skip_reason(CHECKOV_SKIPS, check["check_id"], where)
             (skipped if reason else failures).append(where if not reason else f"{where}: {reason}")
     print("checkov skipped (with reasons):", *sorted(set(skipped)), sep="\n  ")
     assert not failures, "checkov failures:\n" + "\n".join(failures)

@@ -21,6 +21,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -741,3 +742,26 @@ def test_sigterm_drains_in_flight_request(start_container: Any) -> None:
     assert not state.get("OOMKilled")
     assert stopped["seconds"] < GRACE_SECONDS - 5, f"took {stopped['seconds']:.1f} s: not a clean drain"
     print(f"\ncontainer drained and exited 0 in {stopped['seconds']:.1f} s after SIGTERM")
+
+
+def test_podman_names_a_short_tag_localhost_which_the_archive_for_kind_keeps(
+    podman: str, image: str, tmp_path: Path
+) -> None:
+    """Why the README has podman users load an archive and install with image.repository=localhost/catalog:
+    `podman build -t catalog:<tag>` names the image localhost/catalog:<tag>, and that is the name a node gets
+    from `kind load image-archive` (the archive's RepoTags)."""
+    short = "catalog-readme-check:0.1.0"
+    run(podman, "tag", image, short)
+    try:
+        tags = json.loads(run(podman, "image", "inspect", short).stdout)[0]["RepoTags"]
+        assert f"localhost/{short}" in tags, tags
+        archive = tmp_path / "catalog.tar"
+        saved = ("save", "--format", "docker-archive", "-o", str(archive), f"localhost/{short}")
+        run(podman, *saved, timeout=300)
+        with tarfile.open(archive) as tar:
+            manifest_file = tar.extractfile("manifest.json")
+            assert manifest_file is not None
+            manifest = json.loads(manifest_file.read())
+        assert manifest[0]["RepoTags"] == [f"localhost/{short}"]
+    finally:
+        run(podman, "rmi", f"localhost/{short}", check=False)

@@ -14,6 +14,7 @@ from tests.k8s.k8s_render import (
     COMPONENTS,
     K8S,
     OVERLAYS,
+    chart_default_docs,
     container,
     find,
     kustomize_docs,
@@ -166,15 +167,19 @@ def test_app_wiring(overlay: str) -> None:
 
     cm_name = app["envFrom"][0]["configMapRef"]["name"]
     config = find(docs, "ConfigMap", cm_name)["data"]
-    assert config["CATALOG_DATABASE_URL"] == "postgresql://catalog@catalog-postgresql:5432/catalog"
+    assert config["CATALOG_DATABASE_URL"] == "postgresql://catalog_app@catalog-postgresql:5432/catalog"
     assert config["CATALOG_REDIS_URL"] == "redis://catalog-redis:6379/0"
     assert [e["configMapRef"]["name"] for e in init["envFrom"]] == [cm_name]
 
     assert {e["name"]: e.get("value") for e in app["env"]}["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
+    # the migration connects as the owner role, with the owner's password
+    assert {e["name"]: e.get("value") for e in init["env"]}["CATALOG_DATABASE_URL"] == (
+        "postgresql://catalog@catalog-postgresql:5432/catalog"
+    )
     volumes = {v["name"]: v for v in spec["volumes"]}
-    for c, wanted in (
-        (app, (REDIS_PASSWORD_FILE, DATABASE_PASSWORD_FILE)),
-        (init, (DATABASE_PASSWORD_FILE,)),
+    for c, wanted, key in (
+        (app, (REDIS_PASSWORD_FILE, DATABASE_PASSWORD_FILE), "password"),
+        (init, (DATABASE_PASSWORD_FILE,), "owner-password"),
     ):
         env = {e["name"]: e.get("value") for e in c["env"]}
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -185,7 +190,8 @@ def test_app_wiring(overlay: str) -> None:
             assert mount["readOnly"] is True
             assert "subPath" not in mount
             secret = volumes[mount["name"]]["secret"]
-            assert {"key": "password", "path": "password"} in secret["items"]
+            wanted_key = "password" if "/redis/" in path else key
+            assert {"key": wanted_key, "path": "password"} in secret["items"]
 
 
 def test_dev_overlay() -> None:
@@ -209,7 +215,7 @@ def test_dev_overlay() -> None:
 def test_prod_overlay() -> None:
     docs = overlay_docs("prod")
     deployment = hard.app_deployment(docs)
-    assert deployment["spec"]["replicas"] == 3
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count: an apply must not reset it"
     # No Secret in the repo: the three Secrets are created in the namespace beforehand.
     assert not hard.of_kind(docs, "Secret")
     assert _secret_refs(docs) == EXTERNAL_SECRETS
@@ -251,7 +257,7 @@ def test_redis(overlay: str) -> None:
     assert re.fullmatch(r"docker\.io/library/redis:\d+\.\d+\.\d+(-\w+)?", redis["image"])
     script = _args(redis)
     assert "exec redis-server /etc/redis/redis.conf - <<EOF" in script
-    assert 'requirepass "$(cat /var/run/secrets/redis/password)"' in script
+    assert 'requirepass "$password"' in script and "/var/run/secrets/redis/password" in script
     assert "REDISCLI_AUTH" in str(redis["readinessProbe"])  # the probe authenticates without argv
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
@@ -287,8 +293,9 @@ def test_postgresql(overlay: str) -> None:
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert pg[probe]["exec"]["command"][0] == "pg_isready", probe
     env = {e["name"]: e.get("value") for e in pg["env"]}
-    assert env["POSTGRES_PASSWORD_FILE"] == "/var/run/secrets/postgresql/password"
-    assert env["POSTGRES_USER"] == env["POSTGRES_DB"] == "catalog"
+    assert env["POSTGRES_PASSWORD_FILE"] == "/var/run/secrets/postgresql/owner-password"
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("postgres", "catalog")
+    assert "hba_file=/etc/postgresql/pg_hba.conf" in pg["args"]
     claims = sts["spec"]["volumeClaimTemplates"]
     assert [c["metadata"]["name"] for c in claims] == ["data"]
     assert {m["name"]: m["mountPath"] for m in pg["volumeMounts"]}["data"] == "/var/lib/postgresql/data"
@@ -353,3 +360,46 @@ def test_service_monitor() -> None:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+[sm]", endpoint["interval"])
+
+
+# ------------------------------------------------------------------------------- the chart's twin
+
+
+def test_every_object_carries_the_app_kubernetes_io_labels() -> None:
+    """Namespace included: name, instance, part-of and managed-by on everything an overlay applies."""
+    for overlay in OVERLAYS:
+        for doc in overlay_docs(overlay):
+            labels = doc["metadata"].get("labels") or {}
+            missing = {
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/part-of",
+                "app.kubernetes.io/managed-by",
+            } - set(labels)
+            assert not missing, f"{overlay}: {hard.ref(doc)} lacks {sorted(missing)}"
+
+
+def test_dev_sets_one_replica_and_prod_leaves_them_to_its_hpa() -> None:
+    assert hard.app_deployment(overlay_docs("dev"))["spec"]["replicas"] == 1
+    prod = overlay_docs("prod")
+    assert "replicas" not in hard.app_deployment(prod)["spec"]
+    assert "replicas" not in hard.app_deployment(kustomize_docs("k8s/base"))["spec"]
+    assert find(prod, "HorizontalPodAutoscaler", "catalog")["spec"]["minReplicas"] == 3
+
+
+def test_postgresql_roles_and_hba_are_the_charts() -> None:
+    """The component's copies of the roles script and pg_hba.conf are the chart's rendered text (tested for
+    real in tests/chart/test_chart_on_a_cluster.py); the StatefulSet mounts them where the image looks."""
+    chart = find(chart_default_docs("catalog"), "ConfigMap", "catalog-postgresql")["data"]
+    component = K8S / "components" / "postgresql"
+    for name in ("10-catalog-roles.sql", "pg_hba.conf"):
+        assert (component / name).read_text() == chart[name], f"k8s/components/postgresql/{name} is stale"
+    for overlay in OVERLAYS:
+        docs = overlay_docs(overlay)
+        spec = pod_spec(find(docs, "StatefulSet", "catalog-postgresql"))
+        mounts = {m["mountPath"]: m["name"] for m in container(spec, "postgresql")["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for path in ("/docker-entrypoint-initdb.d", "/etc/postgresql"):
+            generated = volumes[mounts[path]]["configMap"]["name"]
+            assert generated.startswith("catalog-postgresql-"), generated  # the hashed generator name
+            assert find(docs, "ConfigMap", generated)

@@ -7,25 +7,24 @@ A helm test pod running a Python check with the app image (no other image to pul
 apiVersion: v1
 kind: Pod
 metadata:
-  name: {{ include "catalog.fullname" $ctx }}-test-{{ .check }}
+  name: {{ include "catalog.suffixedName" (dict "ctx" $ctx "suffix" (printf "test-%s" .check)) }}
   namespace: {{ $ctx.Release.Namespace }}
   labels:
     {{- include "catalog.labelsFor" (dict "ctx" $ctx "name" (printf "%s-test" (include "catalog.name" $ctx)) "component" "test") | nindent 4 }}
   annotations:
     helm.sh/hook: test
     helm.sh/hook-weight: {{ .weight | quote }}
-    helm.sh/hook-delete-policy: before-hook-creation
+    # A passed check leaves nothing behind (helm uninstall never deletes hook pods); a failed one stays for
+    # `kubectl logs` until the next `helm test`. (So `helm test --logs` cannot read the passed ones.)
+    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 spec:
   restartPolicy: Never
   automountServiceAccountToken: false
   enableServiceLinks: false
   serviceAccountName: {{ include "catalog.serviceAccountName" $ctx }}
-  {{- with $ctx.Values.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+  {{- include "catalog.imagePullSecrets" $ctx | nindent 2 }}
   securityContext:
-    {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
+    {{- include "catalog.securityContext" (dict "ctx" $ctx "context" $ctx.Values.podSecurityContext) | nindent 4 }}
   containers:
     - name: {{ .check }}
       image: {{ include "catalog.image" $ctx }}
@@ -46,7 +45,7 @@ spec:
           {{- include "catalog.testCommon" . | nindent 10 }}
           {{- .script | nindent 10 }}
       securityContext:
-        {{- toYaml $ctx.Values.securityContext | nindent 8 }}
+        {{- include "catalog.securityContext" (dict "ctx" $ctx "context" $ctx.Values.securityContext) | nindent 8 }}
       resources:
         {{- toYaml $ctx.Values.tests.resources | nindent 8 }}
       volumeMounts:
@@ -76,24 +75,27 @@ BASE = os.environ["CATALOG_URL"]
 HEADER = os.environ["CATALOG_API_KEY_HEADER"]
 
 
-def api_key():
-    # The first usable plain key of the mounted Secret (sha256-only entries cannot be sent).
+def api_key(write=False):
+    # A usable plain key of the mounted Secret (sha256-only entries cannot be sent) with the read scope; with
+    # write=True one that may write too, if the Secret has one.
     root = pathlib.Path("/var/run/secrets/catalog/api-keys")
+    found = []
     for f in sorted(root.iterdir()):
         if f.name.startswith(".") or not f.is_file():
             continue
-        value = f.read_text().strip()
+        value, scopes = f.read_text().strip(), ["read", "write"]
         if value.startswith("{"):
             try:
                 doc = json.loads(value)
             except ValueError:
                 continue
-            if "read" not in doc.get("scopes", ["read"]):
-                continue
-            value = doc.get("key") or ""
-        if len(value) >= 16 and not value.startswith("sha256:"):
-            return f.name, value
-    sys.exit("FAIL: no plain API key with the read scope in the Secret")
+            value, scopes = doc.get("key") or "", doc.get("scopes", scopes)
+        if "read" in scopes and len(value) >= 16 and not value.startswith("sha256:"):
+            found.append((f.name, value, "write" in scopes))
+    if not found:
+        sys.exit("FAIL: no plain API key with the read scope in the Secret")
+    name, value, _ = sorted(found, key=lambda k: not (write and k[2]))[0]
+    return name, value
 
 
 def call(method, path, key=None, body=None, attempts=30):
