@@ -162,11 +162,12 @@ class RedisCache:
         """The value of `key` and its remaining milliseconds, in one round trip."""
 
         def read(client: redis.Redis) -> Found:
+            asked_at = time.monotonic()  # the entry's time left counts from no later than this
             with client.pipeline(transaction=False) as pipe:
                 pipe.get(key)
                 pipe.pttl(key)
                 value, pttl = pipe.execute()
-            expires_at = time.monotonic() + pttl / 1000 if value is not None and pttl > 0 else None
+            expires_at = asked_at + pttl / 1000 if value is not None and pttl > 0 else None
             return value, expires_at
 
         return read
