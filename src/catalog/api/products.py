@@ -34,7 +34,8 @@ products_tag = Tag(name="products", description="The product catalog")
 api = APIBlueprint("products", __name__, url_prefix="/api/v1", abp_tags=[products_tag])
 
 Responses = dict[str | int, Any]
-PROBLEMS: Responses = {status: ProblemDetail for status in (400, 401, 403, 413, 415, 429, 503)}
+# 414 and 431 come from gunicorn itself (a request line or header over its limits), as problem bodies too.
+PROBLEMS: Responses = {status: ProblemDetail for status in (400, 401, 403, 413, 414, 415, 429, 431, 503)}
 READ_RESPONSES: Responses = {**PROBLEMS, 404: ProblemDetail}
 WRITE_RESPONSES: Responses = {**READ_RESPONSES, 409: ProblemDetail, 412: ProblemDetail}
 
