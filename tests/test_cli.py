@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from tests.conftest import free_port
+from tests.conftest import SecretDir, free_port
 
 
 def run_cli(*arguments: str, database_url: str) -> subprocess.CompletedProcess[str]:
@@ -93,6 +93,62 @@ def test_the_cli_writes_no_metric_files(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
     assert list(metrics_dir.iterdir()) == []
+
+
+def run_dev_keys(keys_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "CATALOG_API_KEYS_DIR": str(keys_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "dev-keys"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def listing(directory: Path) -> dict[str, str]:
+    """Every entry below `directory` (links as their target) with its content: what a run may not change."""
+    return {
+        str(path.relative_to(directory)): os.readlink(path) if path.is_symlink() else path.read_text()
+        for path in sorted(directory.rglob("*"))
+        if path.is_symlink() or path.is_file()
+    }
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new directory", "empty directory"])
+def test_dev_keys_makes_its_key_in_a_new_or_empty_directory_and_keeps_it(
+    tmp_path: Path, exists: bool
+) -> None:
+    keys_dir = tmp_path / "api-keys"
+    if exists:
+        keys_dir.mkdir()
+    first = run_dev_keys(keys_dir)
+    assert first.returncode == 0, first.stderr
+    key = (keys_dir / "dev").read_text()
+    assert run_dev_keys(keys_dir).returncode == 0
+    assert (keys_dir / "dev").read_text() == key
+    assert [path.name for path in keys_dir.iterdir() if not path.name.startswith(".")] == ["dev"]
+    assert f"{keys_dir / 'dev'}" in first.stderr
+
+
+def test_dev_keys_adds_nothing_to_a_mounted_secret_and_names_the_key_to_use(tmp_path: Path) -> None:
+    secret = SecretDir(tmp_path / "api-keys")
+    secret.write({"team-a": "team-a-key-0123456789", "hashed": "sha256:" + "0" * 64})
+    before = listing(secret.path)
+    result = run_dev_keys(secret.path)
+    assert result.returncode == 0, result.stderr
+    assert listing(secret.path) == before
+    assert f"{secret.path / 'team-a'}" in result.stderr and f"{secret.path / 'hashed'}" in result.stderr
+    [curl_line] = [line for line in result.stderr.splitlines() if line.startswith("Try: ")]
+    assert f"$(cat {secret.path / 'team-a'})" in curl_line
+    assert "team-a-key-0123456789" not in result.stderr
+
+
+def test_dev_keys_adds_nothing_beside_keys_it_did_not_make(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "api-keys"
+    keys_dir.mkdir()
+    (keys_dir / "ops").write_text(json.dumps({"sha256": "1" * 64, "scopes": ["read"]}))
+    result = run_dev_keys(keys_dir)
+    assert result.returncode == 0, result.stderr
+    assert listing(keys_dir) == {"ops": (keys_dir / "ops").read_text()}
+    assert f"{keys_dir / 'ops'}" in result.stderr
+    assert "None of them holds a bare key" in result.stderr and "Try: " not in result.stderr
 
 
 def _cli_lines(output: str) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ labels and files; the fold of a dead worker's files against concurrent scrapes."
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 from tests.conftest import READER_KEY, WRITER_KEY, auth, product_body
 
 from catalog.metrics import (
+    DB_OPERATIONS,
     OTHER_METHOD,
     REQUEST_BUCKETS,
     STANDARD_METHODS,
@@ -436,3 +438,37 @@ def test_labels_stay_bounded_and_buckets_are_the_declared_ones(
     declared = {floatToGoString(bucket) for bucket in REQUEST_BUCKETS} | {"+Inf"}
     assert label_values(samples, DURATION_BUCKET, "le") == declared
     assert {"0.001", "0.1"} <= declared  # the 1-100 ms a request of this service takes are resolved
+
+
+@pytest.mark.slow
+def test_every_known_label_value_is_exported_as_zero_before_its_first_event(
+    gunicorn: Any, sqlite_url: str, keys_dir: Any
+) -> None:
+    """The first scrape of a fresh server already has each catalog_* counter's known series, at 0 (so rate()
+    and ratios work at once); counting then moves exactly the series of what happened."""
+    server = gunicorn(server_env(sqlite_url, keys_dir, WEB_CONCURRENCY="2"))
+    first = scrape(server.url)
+    known = {
+        "catalog_cache_requests_total": ("result", {"hit", "miss", "bypass", "error"}),
+        "catalog_auth_failures_total": ("reason", {"missing", "invalid", "forbidden"}),
+        "catalog_db_queries_total": ("operation", set(DB_OPERATIONS)),
+        "catalog_rate_limited_total": ("client", {"anonymous", "writer", "reader"}),
+    }
+    for name, (label, values) in known.items():
+        assert label_values(first, name, label) == values, name
+        assert all(value(first, name, **{label: v}) == 0 for v in values), name
+    for gauge in ("catalog_cache_circuit_open", "catalog_api_keys_loaded"):
+        assert (gauge, frozenset()) in first, gauge
+
+    assert requests.get(f"{server.url}/api/v1/products", timeout=15).status_code == 401
+    after = scrape(server.url)
+    assert value(after, "catalog_auth_failures_total", reason="missing") == 1
+    assert value(after, "catalog_auth_failures_total", reason="invalid") == 0
+
+
+def test_the_store_counts_only_declared_operations() -> None:
+    """Every `operation` the store counts is one exported from the start (a new query needs declaring)."""
+    source = (Path(__file__).resolve().parent.parent / "src" / "catalog" / "db.py").read_text()
+    counted = set(re.findall(r'DB_QUERIES\.labels\(operation="([^"]+)"\)', source))
+    assert counted == set(DB_OPERATIONS)
+    assert source.count("DB_QUERIES.labels(") == len(re.findall(r'DB_QUERIES\.labels\(operation="', source))

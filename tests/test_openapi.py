@@ -81,3 +81,39 @@ def test_the_query_models_schema_is_made_once_and_is_pydantics(client: Any) -> N
     assert ProductListQuery.model_json_schema() is first
     assert first == BaseModel.model_json_schema.__func__(ProductListQuery)  # type: ignore[attr-defined]
     assert ProductListQuery.model_json_schema(mode="serialization") is not first
+
+
+def test_the_server_s_own_limits_are_documented_on_every_operation(spec: dict[str, Any]) -> None:
+    """gunicorn answers 414 (request line) and 431 (header fields) before the app: problem bodies too."""
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for status in ("414", "431"):
+                response = operation["responses"][status]
+                assert list(response["content"]) == ["application/problem+json"]
+                assert "RateLimit-Limit" not in response["headers"]  # the app never saw the request
+            assert "Retry-After" in operation["responses"]["503"]["headers"]
+
+
+def test_every_rule_the_validation_enforces_is_in_the_document(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    text = {"pattern": "^[^\\u0000]*$"}
+    product_in = schemas["ProductIn"]["properties"]
+    assert text.items() <= product_in["name"].items() and text.items() <= product_in["description"].items()
+    assert text.items() <= product_in["tags"]["items"].items()
+    assert product_in["price_cents"]["minimum"] == 0 and product_in["price_cents"]["maximum"] == 10**12
+    patch = schemas["ProductPatch"]
+    assert patch["additionalProperties"] is False and "required" not in patch
+    # Required fields may be left out of a patch, never nulled; the optional ones may be reset with null.
+    nullable = {
+        name for name, field in patch["properties"].items() if {"type": "null"} in field.get("anyOf", [])
+    }
+    assert nullable == {"description", "tags"}
+    assert patch["properties"]["price_cents"]["minimum"] == 0
+    listing = {p["name"]: p["schema"] for p in spec["paths"]["/api/v1/products"]["get"]["parameters"]}
+    assert {"type": "string", "pattern": "^[A-Za-z0-9_-]{35}$"} in listing["cursor"]["anyOf"]
+    assert any(
+        {"maxLength": 40, "minLength": 1, **text}.items() <= option.items()
+        for option in listing["tag"]["anyOf"]
+    )
+    post = {p["name"]: p["schema"] for p in spec["paths"]["/api/v1/products"]["post"]["parameters"]}
+    assert post["Idempotency-Key"]["pattern"] == "^[!-~]{1,255}$"

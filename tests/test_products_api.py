@@ -1,10 +1,13 @@
 """The products API, every rule of the contract, on SQLite and on PostgreSQL."""
 
+import json
 import re
 from typing import Any
 
 import pytest
 from tests.conftest import READER_KEY, assert_problem, auth, product_body
+
+from catalog.products import CURSOR_PATTERN
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -84,6 +87,12 @@ class TestCreate:
         response = client.post("/api/v1/products", json=product_body(**{field: value}), headers=auth())
         assert any(loc[:2] == ["body", field] for loc in error_locs(response)), response.get_json()
         assert count(client) == 0
+
+    def test_a_whole_number_written_with_a_fraction_part_is_that_integer(self, client: Any) -> None:
+        """1250.0 is the integer 1250 in JSON, as the document's `type: integer` reads it; 12.5 is not."""
+        product = client.post("/api/v1/products", json=product_body(price_cents=1250.0), headers=auth())
+        assert product.status_code == 201 and product.get_json()["price_cents"] == 1250
+        assert '"price_cents":1250,' in product.get_data(as_text=True).replace(" ", "")
 
     def test_largest_valid_values_are_accepted(self, client: Any) -> None:
         product = create(
@@ -185,11 +194,31 @@ class TestList:
     def test_limit_outside_1_to_100_is_422(self, client: Any, limit: str) -> None:
         assert ["query", "limit"] in error_locs(client.get(f"/api/v1/products?limit={limit}", headers=auth()))
 
-    @pytest.mark.parametrize("cursor", ["garbage", "AAAA", "%00"])
-    def test_a_cursor_not_made_here_is_422(self, client: Any, cursor: str) -> None:
-        assert ["query", "cursor"] in error_locs(
-            client.get(f"/api/v1/products?cursor={cursor}", headers=auth())
-        )
+    @pytest.mark.parametrize(
+        ("cursor", "problem"),
+        [
+            ("garbage", "validation-error"),  # not of the documented shape
+            ("AAAA", "validation-error"),
+            ("%00", "validation-error"),
+            ("A" * 35, "invalid-cursor"),  # of the shape, but not made here
+        ],
+    )
+    def test_a_cursor_not_made_here_is_422(self, client: Any, cursor: str, problem: str) -> None:
+        response = client.get(f"/api/v1/products?cursor={cursor}", headers=auth())
+        assert ["query", "cursor"] in error_locs(response)
+        assert response.get_json()["type"] == f"/problems/{problem}"
+
+    def test_every_next_cursor_has_the_documented_shape(self, client: Any) -> None:
+        for _ in range(3):
+            create(client)
+        cursor = client.get("/api/v1/products?limit=1", headers=auth()).get_json()["next_cursor"]
+        assert re.fullmatch(CURSOR_PATTERN, cursor)
+
+    @pytest.mark.parametrize("tag", ["%00", "a%00b"])
+    def test_a_tag_filter_no_product_can_have_is_422_not_a_database_error(
+        self, client: Any, tag: str
+    ) -> None:
+        assert ["query", "tag"] in error_locs(client.get(f"/api/v1/products?tag={tag}", headers=auth()))
 
     def test_a_write_is_seen_by_the_next_list(self, client: Any) -> None:
         assert client.get("/api/v1/products", headers=auth()).get_json()["items"] == []
@@ -230,6 +259,12 @@ class TestReplace:
             client.put(f"/api/v1/products/{product['id']}", json=product_body(), headers=headers).status_code
             == 200
         )
+
+    def test_an_empty_if_match_sets_no_condition_like_an_empty_if_none_match(self, client: Any) -> None:
+        product = create(client)
+        headers = {**auth(), "If-Match": ""}
+        response = client.put(f"/api/v1/products/{product['id']}", json=product_body(), headers=headers)
+        assert response.status_code == 200 and response.get_json()["version"] == 2
 
     def test_weak_etags_never_match_if_match(self, client: Any) -> None:
         product = create(client)
@@ -334,6 +369,30 @@ class TestBodies:
         headers = {**auth(), "Content-Type": "application/json"}
         assert_problem(client.post("/api/v1/products", data=data, headers=headers), 400)
         assert count(client) == 0
+
+    def test_json_nested_too_deeply_to_read_is_400_not_a_crash(self, client: Any) -> None:
+        headers = {**auth(), "Content-Type": "application/json"}
+        response = client.post("/api/v1/products", data="[" * 100_000, headers=headers)
+        assert "nests deeper" in assert_problem(response, 400)["detail"]
+
+    @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+    @pytest.mark.parametrize(
+        "document",
+        [None, json.dumps(product_body()), json.dumps(json.dumps(product_body())), [product_body()], 1, True],
+        ids=["null", "a string holding json", "a string holding that string", "an array", "a number", "true"],
+    )
+    def test_json_that_is_not_an_object_is_422_and_changes_nothing(
+        self, client: Any, method: str, document: Any
+    ) -> None:
+        product = create(client)
+        url = "/api/v1/products" if method == "POST" else f"/api/v1/products/{product['id']}"
+        media = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        response = client.open(
+            url, method=method, data=json.dumps(document), headers={**auth(), "Content-Type": media}
+        )
+        assert [error["loc"] for error in assert_problem(response, 422)["errors"]] == [["body"]]
+        assert count(client) == 1
+        assert client.get(f"/api/v1/products/{product['id']}", headers=auth()).get_json() == product
 
     def test_a_body_over_1_mib_is_413(self, client: Any) -> None:
         body = product_body(description="d" * (1024 * 1024))

@@ -48,6 +48,7 @@ def test_two_workers_serve_the_whole_api(server: Any) -> None:
         (b"GET /livez?q=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"NOT HTTP\r\n\r\n", 400),
         (b"GET /livez HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", 400),
+        (b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
     ],
 )
 def test_protocol_errors_are_problem_bodies(server: Any, payload: bytes, status: int) -> None:

@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 
 from catalog.background import Background
 from catalog.errors import Problem
-from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES
+from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES, export_clients
 
 log = logging.getLogger(__name__)
 # Bound once: by whether a key was sent (invalid) or not (missing).
@@ -194,6 +194,7 @@ class KeyStore:
             self._signature = signature
             API_KEYS_LOADED.set(len(scan.entries))
             names = [e.client.name for e in scan.entries]
+            export_clients(names)
             if names:
                 log.info("api keys loaded", extra={"count": len(names), "clients": names, "pid": os.getpid()})
             else:

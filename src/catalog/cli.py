@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -23,6 +24,12 @@ log = logging.getLogger("catalog.cli")
 
 # Shared by every replica: whoever holds it migrates; the others wait, then find nothing to do.
 MIGRATION_LOCK_ID = 0x63617461  # "cata"
+# `make run`'s local client, and the mark of a keys directory `catalog dev-keys` made (and so may write to).
+DEV_KEY_NAME = "dev"
+DEV_KEYS_MARKER = ".catalog-dev-keys"
+# A key file curl can send as it is: a bare key (not `sha256:…`, not JSON), as the key store reads one.
+BARE_KEY = re.compile(r"(?!sha256:)[^\s{]\S{15,}")
+MAX_BARE_KEY_BYTES = 4096
 # Pauses between connection attempts of `db upgrade --wait`: doubling from the first, capped.
 FIRST_RETRY_SECONDS = 0.5
 MAX_RETRY_SECONDS = 5.0
@@ -132,18 +139,70 @@ def seed(settings: Settings) -> None:
 
 
 def dev_keys(settings: Settings) -> None:
-    """Make a local API key (once; kept between runs) and print how to use it."""
+    """Make a local API key (once; kept between runs) and print how to use it. Only in a directory this
+    command made (or found empty): never beside someone else's keys, such as a mounted Secret's."""
     directory = settings.api_keys_dir
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = os.path.join(directory, "dev")
+    if not _claim_keys_directory(directory):
+        _point_at_existing_keys(settings)
+        return
+    path = os.path.join(directory, DEV_KEY_NAME)
     if not os.path.exists(path):
         with open(
             os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
         ) as key_file:
             key_file.write(secrets.token_urlsafe(32) + "\n")
-    print(f"API key of the client 'dev': {os.path.abspath(path)}", file=sys.stderr)
+    print(f"API key of the client '{DEV_KEY_NAME}': {os.path.abspath(path)}", file=sys.stderr)
+    _print_curl_line(settings, path)
+
+
+def _claim_keys_directory(directory: str) -> bool:
+    """True when dev-keys may write its key into `directory`: it creates it now, finds it empty, or made it
+    before (its marker is there). The marker is a dot file, which the key store ignores."""
+    marker = os.path.join(directory, DEV_KEYS_MARKER)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        entries = os.listdir(directory)
+        if DEV_KEYS_MARKER in entries:
+            return True
+        if entries:
+            return False
+    with open(marker, "w", encoding="utf-8") as marker_file:
+        marker_file.write("Made by `catalog dev-keys`, which may add its local key here.\n")
+    return True
+
+
+def _point_at_existing_keys(settings: Settings) -> None:
+    """Say which of the keys already in the directory to use, and add none."""
+    directory = settings.api_keys_dir
+    names = sorted(n for n in os.listdir(directory) if not n.startswith(".") and _is_file(directory, n))
     print(
-        f'Try: curl -s -H "{settings.api_key_header}: $(cat {path})" '
+        f"{os.path.abspath(directory)} (CATALOG_API_KEYS_DIR) holds keys that `catalog dev-keys` did not"
+        " make: it adds none there. Use one of its key files: "
+        + (", ".join(os.path.abspath(os.path.join(directory, name)) for name in names) or "none yet"),
+        file=sys.stderr,
+    )
+    for name in names:
+        path = os.path.join(directory, name)
+        with open(path, encoding="utf-8-sig", errors="replace") as key_file:
+            content = key_file.read(MAX_BARE_KEY_BYTES + 1).strip()
+        if BARE_KEY.fullmatch(content):
+            _print_curl_line(settings, path)
+            return
+    print(
+        "None of them holds a bare key that curl can send as it is (hashed or JSON entries).", file=sys.stderr
+    )
+
+
+def _is_file(directory: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(directory, name))
+
+
+def _print_curl_line(settings: Settings, key_path: str) -> None:
+    print(
+        f'Try: curl -s -H "{settings.api_key_header}: $(cat {key_path})" '
         f"'http://127.0.0.1:{settings.port}/api/v1/products?limit=3'",
         file=sys.stderr,
     )

@@ -37,6 +37,9 @@ class Settings:
     threads: int = 4
     database_url: str = "sqlite:///var/catalog.db"
     database_password_file: str | None = None
+    # How long a request waits for the database (a connection, SQLite's write lock, a free pooled
+    # connection) before it is answered 503. Not a variable: well under gunicorn's 30 s worker timeout.
+    database_wait_seconds: float = 5.0
     redis_url: str | None = None
     redis_password_file: str | None = None
     cache_ttl_seconds: int = 60

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -35,19 +34,22 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from catalog.config import Settings, database_url_with_password
-from catalog.errors import Problem
+from catalog.domain import DuplicateSku, IdempotencyKeyInFlight, Unavailable
 from catalog.metrics import DB_QUERIES
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from flask import Flask
 
-
-class DatabaseUnavailable(Problem):
-    """The database cannot be reached right now."""
-
-    status, slug, title = 503, "database-unavailable", "Database unavailable"
+# What a client is told to wait, and what a background job backs off, when the database cannot serve.
+RETRY_AFTER_SECONDS = 5
+# SQLite result codes (the low byte of an extended code) that mean "not now" rather than a bug: another
+# connection holds the lock past the busy timeout, or the file cannot be opened. Others (no such table,
+# a syntax error) stay what they are.
+SQLITE_NOT_NOW = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN})
 
 
 metadata = MetaData()
@@ -100,26 +102,31 @@ def utcnow() -> dt.datetime:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """An engine: SQLite with WAL and a busy timeout, or PostgreSQL through psycopg 3."""
+    """An engine: SQLite with WAL, or PostgreSQL through psycopg 3; no wait longer than
+    `database_wait_seconds` for a connection, a lock or a free pooled connection."""
     url = database_url_with_password(settings)
+    wait = settings.database_wait_seconds
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5})
+        # sqlite3's `timeout` is SQLite's busy timeout: how long a write waits for another's lock.
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": wait}, pool_timeout=wait
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
         url,
         pool_size=settings.threads,
         max_overflow=settings.threads,
+        pool_timeout=wait,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "application_name": "catalog"},
+        connect_args={"connect_timeout": max(1, round(wait)), "application_name": "catalog"},
     )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -137,20 +144,26 @@ class Database:
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        """A pooled connection; a database that cannot be reached is a 503 for the client, not a 500."""
+        """A pooled connection. A database that cannot serve now (unreachable, restarted under an open
+        connection, locked past the busy timeout, no pooled connection free in time) raises Unavailable;
+        what was not committed is rolled back, so nothing changed."""
         try:
             connection = self.engine.connect()
-        except OperationalError as error:
-            log.warning("database unreachable", extra={"error_type": type(error.orig).__name__})
-            raise DatabaseUnavailable(
-                "The database does not answer at the moment; retry shortly.", headers={"Retry-After": "5"}
-            ) from None
-        with connection:
-            yield connection
+        except (OperationalError, PoolTimeout) as error:
+            # Whatever stops us getting a connection at all, the database is not there for us now.
+            raise _unavailable(unavailable_reason(error) or _kind(error)) from error
+        try:
+            with connection:
+                yield connection
+        except DBAPIError as error:
+            reason = unavailable_reason(error)
+            if reason is None:
+                raise
+            raise _unavailable(reason) from error
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A connection inside one transaction, committed on success."""
+        """A connection inside one transaction, committed on success (Unavailable as for `connect`)."""
         with self.connect() as connection, connection.begin():
             yield connection
 
@@ -182,20 +195,31 @@ class Database:
         return [dict(row) for row in rows]
 
     def insert_product(self, connection: Connection, row: Mapping[str, Any]) -> None:
-        """Insert a product and its tags; raises IntegrityError on a duplicate sku."""
-        connection.execute(insert(products).values(**row))
+        """Insert a product and its tags; DuplicateSku if another product has its sku."""
+        try:
+            connection.execute(insert(products).values(**row))
+        except IntegrityError as error:
+            if _is_unique_violation(error):
+                raise DuplicateSku(f"A product with sku {row['sku']!r} already exists.") from None
+            raise
         self._write_tags(connection, row["id"], row["tags"])
         DB_QUERIES.labels(operation="insert_product").inc()
 
     def update_product(
         self, connection: Connection, product_id: str, expected_version: int, values: Mapping[str, Any]
     ) -> bool:
-        """Apply `values` if the row still has `expected_version`; False when it changed or vanished."""
-        result = connection.execute(
-            update(products)
-            .where(products.c.id == product_id, products.c.version == expected_version)
-            .values(**values)
-        )
+        """Apply `values` if the row still has `expected_version`; False when it changed or vanished;
+        DuplicateSku if the new sku is another product's."""
+        try:
+            result = connection.execute(
+                update(products)
+                .where(products.c.id == product_id, products.c.version == expected_version)
+                .values(**values)
+            )
+        except IntegrityError as error:
+            if _is_unique_violation(error):
+                raise DuplicateSku("Another product already has this sku.") from None
+            raise
         DB_QUERIES.labels(operation="update_product").inc()
         if result.rowcount != 1:
             return False
@@ -232,11 +256,19 @@ class Database:
         return dict(row) if row else None
 
     def store_idempotent(self, connection: Connection, record: Mapping[str, Any]) -> None:
-        """Record the answer given for an Idempotency-Key and drop records past their window."""
+        """Record the answer given for an Idempotency-Key and drop records past their window;
+        IdempotencyKeyInFlight if a concurrent request with the same key committed first."""
         connection.execute(
             delete(idempotency_keys).where(idempotency_keys.c.created_at <= utcnow() - IDEMPOTENCY_WINDOW)
         )
-        connection.execute(insert(idempotency_keys).values(**record))
+        try:
+            connection.execute(insert(idempotency_keys).values(**record))
+        except IntegrityError as error:
+            if _is_unique_violation(error):
+                raise IdempotencyKeyInFlight(
+                    "A request with this Idempotency-Key is being answered; retry it shortly."
+                ) from None
+            raise
         DB_QUERIES.labels(operation="store_idempotency_key").inc()
 
     @staticmethod
@@ -246,7 +278,37 @@ class Database:
             connection.execute(insert(product_tags), [{"product_id": product_id, "tag": t} for t in unique])
 
 
-def is_unique_violation(error: IntegrityError) -> bool:
+def unavailable_reason(error: BaseException) -> str | None:
+    """When `error` means the database cannot serve now, what kind of failure it is (a name, never the
+    message: that may hold a host, a path or SQL); None when it is something else, such as a bug."""
+    if isinstance(error, PoolTimeout):
+        return "PoolTimeout"
+    if not isinstance(error, DBAPIError):
+        return None
+    cause = error.orig
+    if isinstance(cause, sqlite3.Error):
+        code = getattr(cause, "sqlite_errorcode", 0) & 0xFF
+        return str(cause.sqlite_errorname) if code in SQLITE_NOT_NOW else None
+    if error.connection_invalidated or isinstance(error, OperationalError):
+        return _kind(error)
+    return None
+
+
+def _kind(error: BaseException) -> str:
+    """The class name of the driver's exception (e.g. AdminShutdown), else of `error` itself."""
+    return type(error.orig if isinstance(error, DBAPIError) else error).__name__
+
+
+def _unavailable(reason: str) -> Unavailable:
+    return Unavailable(
+        "The database cannot answer at the moment; retry shortly.",
+        dependency="database",
+        reason=reason,
+        retry_after_seconds=RETRY_AFTER_SECONDS,
+    )
+
+
+def _is_unique_violation(error: IntegrityError) -> bool:
     """True when the integrity error is a unique-constraint violation (duplicate sku or key)."""
     code = getattr(error.orig, "sqlstate", None)
     if code is not None:

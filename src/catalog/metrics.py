@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Flask, Request, Response, request
@@ -45,9 +45,11 @@ APP_INFO = Gauge(
     ["version", "commit"],
     multiprocess_mode="max",
 )
+# Each counter with its known label values: all are exported as 0 from the start (and each client's as its
+# key loads), so rate() and ratios work from the first scrape instead of from the first event.
+CACHE_RESULTS = ("hit", "miss", "bypass", "error")
 CACHE_REQUESTS = Counter("catalog_cache_requests_total", "Cache lookups by result", ["result"])
-# Children bound once (a `labels()` call per request costs a lock and a dict lookup), which also exports
-# each known label value as 0 from the start.
+# Children bound once: a `labels()` call per lookup costs a lock and a dict lookup.
 CACHE_HIT = CACHE_REQUESTS.labels(result="hit")
 CACHE_MISS = CACHE_REQUESTS.labels(result="miss")
 CACHE_BYPASS = CACHE_REQUESTS.labels(result="bypass")
@@ -55,12 +57,44 @@ CACHE_ERROR = CACHE_REQUESTS.labels(result="error")
 CACHE_CIRCUIT_OPEN = Gauge(
     "catalog_cache_circuit_open", "1 while the Redis circuit breaker is open", multiprocess_mode="livemax"
 )
+AUTH_FAILURE_REASONS = ("missing", "invalid", "forbidden")
 AUTH_FAILURES = Counter("catalog_auth_failures_total", "Rejected API requests by reason", ["reason"])
 API_KEYS_LOADED = Gauge(
     "catalog_api_keys_loaded", "Valid API keys loaded from the mounted Secret", multiprocess_mode="livemax"
 )
+DB_OPERATIONS = (
+    "ping",
+    "get_product",
+    "list_products",
+    "insert_product",
+    "update_product",
+    "delete_product",
+    "get_idempotency_key",
+    "store_idempotency_key",
+)
 DB_QUERIES = Counter("catalog_db_queries_total", "Database statements by operation", ["operation"])
+# Failed authentications count under this client; API clients under their names (added as keys load).
+ANONYMOUS_CLIENT = "anonymous"
 RATE_LIMITED = Counter("catalog_rate_limited_total", "Requests answered 429 by client", ["client"])
+KNOWN_LABEL_VALUES: tuple[tuple[Counter, tuple[str, ...]], ...] = (
+    (CACHE_REQUESTS, CACHE_RESULTS),
+    (AUTH_FAILURES, AUTH_FAILURE_REASONS),
+    (DB_QUERIES, DB_OPERATIONS),
+    (RATE_LIMITED, (ANONYMOUS_CLIENT,)),
+)
+
+
+def export_known_label_values() -> None:
+    """Create every known child of the catalog_* counters (at 0) in this process's metric files."""
+    for counter, values in KNOWN_LABEL_VALUES:
+        for label_value in values:
+            counter.labels(label_value)
+
+
+def export_clients(names: Iterable[str]) -> None:
+    """API clients are label values too: exported at 0 as their keys load."""
+    for name in names:
+        RATE_LIMITED.labels(client=name)
 
 
 def read_fold_sequence(directory: str) -> int:
@@ -185,6 +219,7 @@ def init_app(app: Flask) -> None:
     app.add_url_rule("/metrics", "metrics", serve_metrics)
     settings = app.config["SETTINGS"]
     APP_INFO.labels(version=settings.version, commit=settings.commit).set(1)
+    export_known_label_values()
 
 
 Sample = tuple[float, float]  # (value, timestamp) as the metric files hold them

@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy.exc import IntegrityError
 
 from catalog.cache import Cache, Status
-from catalog.db import Database, dumps, is_unique_violation, utcnow
-from catalog.errors import Problem
+from catalog.db import Database, dumps, utcnow
+from catalog.domain import (
+    Conflict,
+    IdempotencyKeyReused,
+    InvalidCursor,
+    NotFound,
+    PreconditionFailed,
+)
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
@@ -29,40 +34,15 @@ Fields = dict[str, Any]
 Precondition = Callable[[int], bool]
 
 
-class ProductNotFound(Problem):
-    """No product has this id."""
-
-    status, slug, title = 404, "not-found", "Not found"
-
-
-class DuplicateSku(Problem):
-    """Another product already has this sku."""
-
-    status, slug, title = 409, "duplicate-sku", "Duplicate SKU"
-
-
-class PreconditionFailed(Problem):
-    """If-Match named a version that is no longer current."""
-
-    status, slug, title = 412, "precondition-failed", "Precondition failed"
-
-
-class IdempotencyKeyReused(Problem):
-    """The Idempotency-Key was used before with a different body."""
-
-    status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key reused"
-
-
-class InvalidCursor(Problem):
-    """The cursor was not made by this service."""
-
-    status, slug, title = 422, "validation-error", "Validation failed"
-
-
 def new_id() -> str:
     """A 26-character id that sorts by creation time: 48 bits of milliseconds, 80 random bits (Crockford)."""
     value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
     return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+# What encode_cursor makes of an id (26 ASCII characters: 35 of unpadded URL-safe base64); the API
+# document states it, and decode_cursor checks the rest.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{35}$"
 
 
 def encode_cursor(product_id: str) -> str:
@@ -79,7 +59,7 @@ def decode_cursor(cursor: str) -> str:
     if not ID_PATTERN.match(product_id):
         raise InvalidCursor(
             "The cursor is not one this service returned.",
-            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
+            [{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
         )
     return product_id
 
@@ -138,9 +118,9 @@ class ProductService:
         self.cache = cache
 
     def get(self, product_id: str) -> tuple[str, bytes, Status]:
-        """(version, JSON body, cache status) of a product; ProductNotFound if absent."""
+        """(version, JSON body, cache status) of a product; NotFound if absent."""
         if not ID_PATTERN.match(product_id):
-            raise ProductNotFound(f"No product has the id {product_id!r}.")
+            raise NotFound(f"No product has the id {product_id!r}.")
 
         def load() -> bytes | None:
             row = self.db.get_product(product_id)
@@ -148,7 +128,7 @@ class ProductService:
 
         entry, status = self.cache.product(product_id, load)
         if entry is None:
-            raise ProductNotFound(f"No product has the id {product_id!r}.")
+            raise NotFound(f"No product has the id {product_id!r}.")
         return entry_version(entry), entry, status
 
     def list(self, limit: int, cursor: str | None, tag: str | None) -> tuple[bytes, Status]:
@@ -192,12 +172,11 @@ class ProductService:
                             "created_at": now,
                         },
                     )
-        except IntegrityError as error:
+        except Conflict:
+            # A concurrent repeat of this request may have committed first: then its answer is ours.
             replay = self._replay(client, idempotency_key, fingerprint) if idempotency_key else None
             if replay:
                 return replay
-            if is_unique_violation(error):
-                raise DuplicateSku(f"A product with sku {fields['sku']!r} already exists.") from None
             raise
         self.cache.invalidate(row["id"])
         return Created(201, body, location, replayed=False)
@@ -215,7 +194,7 @@ class ProductService:
         return self._write(product_id, change, precondition)
 
     def delete(self, product_id: str, precondition: Precondition | None) -> None:
-        """Delete a product; ProductNotFound if absent, PreconditionFailed on a stale If-Match."""
+        """Delete a product; NotFound if absent, PreconditionFailed on a stale If-Match."""
         with self.db.transaction() as connection:
             current = (
                 self.db.get_product_for_update(connection, product_id)
@@ -223,7 +202,7 @@ class ProductService:
                 else None
             )
             if current is None:
-                raise ProductNotFound(f"No product has the id {product_id!r}.")
+                raise NotFound(f"No product has the id {product_id!r}.")
             if precondition and not precondition(current["version"]):
                 raise PreconditionFailed("The product has changed since the version named in If-Match.")
             if not self.db.delete_product(connection, product_id, current["version"]):
@@ -234,31 +213,24 @@ class ProductService:
         self, product_id: str, change: Callable[[Fields], Fields], precondition: Precondition | None
     ) -> tuple[int, bytes]:
         if not ID_PATTERN.match(product_id):
-            raise ProductNotFound(f"No product has the id {product_id!r}.")
+            raise NotFound(f"No product has the id {product_id!r}.")
         for _attempt in range(MAX_WRITE_ATTEMPTS):
-            try:
-                with self.db.transaction() as connection:
-                    current = self.db.get_product_for_update(connection, product_id)
-                    if current is None:
-                        raise ProductNotFound(f"No product has the id {product_id!r}.")
-                    if precondition and not precondition(current["version"]):
-                        raise PreconditionFailed(
-                            "The product has changed since the version named in If-Match."
-                        )
-                    fields = change(editable(current))
-                    now = utcnow()
-                    values = {
-                        **fields,
-                        "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
-                        "version": current["version"] + 1,
-                    }
-                    if self.db.update_product(connection, product_id, current["version"], values):
-                        row = {**current, **values}
-                        break
-            except IntegrityError as error:
-                if is_unique_violation(error):
-                    raise DuplicateSku("Another product already has this sku.") from None
-                raise
+            with self.db.transaction() as connection:
+                current = self.db.get_product_for_update(connection, product_id)
+                if current is None:
+                    raise NotFound(f"No product has the id {product_id!r}.")
+                if precondition and not precondition(current["version"]):
+                    raise PreconditionFailed("The product has changed since the version named in If-Match.")
+                fields = change(editable(current))
+                now = utcnow()
+                values = {
+                    **fields,
+                    "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+                    "version": current["version"] + 1,
+                }
+                if self.db.update_product(connection, product_id, current["version"], values):
+                    row = {**current, **values}
+                    break
             if precondition:
                 raise PreconditionFailed("The product changed while it was being written; read it again.")
         else:

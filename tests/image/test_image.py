@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import ssl
@@ -72,6 +73,24 @@ SERVER_COMMAND: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def host_ulimits() -> list[str]:
+    """`--ulimit` options this host allows, for every build and run. Without them podman asks the runtime for
+    its own defaults (or a containers.conf's), which runc may not set above the hard limits the podman
+    process has (`error setting rlimit type 7: operation not permitted`)."""
+    options = []
+    for name, limit, wanted in (
+        ("nofile", resource.RLIMIT_NOFILE, 65536),
+        ("nproc", resource.RLIMIT_NPROC, 32768),
+    ):
+        _soft, hard = resource.getrlimit(limit)
+        value = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        options.append(f"--ulimit={name}={value}:{value}")
+    return options
+
+
+HOST_ULIMITS = host_ulimits()
 
 
 def run(
@@ -214,7 +233,17 @@ def base_image(podman: str) -> str:
             (work / "Containerfile").write_text(BASE_CONTAINERFILE)
             unmount_below(rootfs)
             shutil.rmtree(rootfs)
-            run(podman, "build", "--network=none", "--pull=never", "-t", tag, str(work), timeout=600)
+            run(
+                podman,
+                "build",
+                *HOST_ULIMITS,
+                "--network=none",
+                "--pull=never",
+                "-t",
+                tag,
+                str(work),
+                timeout=600,
+            )
         finally:
             unmount_below(rootfs)
             shutil.rmtree(work, ignore_errors=True)
@@ -249,6 +278,7 @@ def image(podman: str, base_image: str, project_version: str, revision: str) -> 
     args = [
         podman,
         "build",
+        *HOST_ULIMITS,
         "--network=host",  # pip reaches the package index through the host's network
         "--pull=never",
         "--format=docker",  # keeps the HEALTHCHECK (the OCI format has none), as `docker build` does
@@ -356,6 +386,7 @@ def start_container(podman: str, image: str, redis_url: str, api_keys_dir: Path)
         run(
             podman,
             "run",
+            *HOST_ULIMITS,
             "--detach",
             "--name",
             name,
@@ -462,6 +493,7 @@ def test_dockerignore_keeps_the_context_small(podman: str, base_image: str, tmp_
     run(
         podman,
         "build",
+        *HOST_ULIMITS,
         "--network=none",
         "--pull=never",
         "-q",
@@ -473,7 +505,7 @@ def test_dockerignore_keeps_the_context_small(podman: str, base_image: str, tmp_
     )
     try:
         listing = run(
-            podman, "run", "--rm", "--network=none", tag, "find", "/context", "-mindepth", "1"
+            podman, "run", *HOST_ULIMITS, "--rm", "--network=none", tag, "find", "/context", "-mindepth", "1"
         ).stdout
     finally:
         subprocess.run([podman, "rmi", "--force", tag], check=False, capture_output=True)
@@ -546,6 +578,7 @@ id -u
     proc = run(
         podman,
         "run",
+        *HOST_ULIMITS,
         "--rm",
         "--network=none",
         "--read-only",
@@ -571,6 +604,7 @@ def test_init_container_then_default_command(
     proc = run(
         podman,
         "run",
+        *HOST_ULIMITS,
         "--rm",
         "--network=none",
         "--read-only",

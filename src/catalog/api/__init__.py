@@ -12,14 +12,20 @@ from flask import Response, current_app, json, request
 from flask_openapi3.openapi import OpenAPI
 from pydantic import BaseModel, ValidationError
 
-from catalog.api.products import api
-from catalog.api.schemas import LOCATION_OF_MODEL, ProductPatch
+from catalog.api.products import IDEMPOTENCY_KEY_PATTERN, api
+from catalog.api.schemas import LOCATION_OF_MODEL, PRODUCT_PATCH, ProductPatch
 from catalog.errors import PROBLEM_MIMETYPE, validation_problem
 
 API_KEY_SCHEME = "ApiKey"
 BEARER_SCHEME = "Bearer"
 HEADER_TEXT = {"schema": {"type": "string"}}
 HEADER_INT = {"schema": {"type": "integer"}}
+# Answered by gunicorn before a request reaches the app (so without RateLimit-* headers): its limits on the
+# request line (4094 bytes) and on header fields (8190 bytes each, 100 of them).
+SERVER_LIMIT_RESPONSES = {
+    "414": "URI too long: the request line is over the server's limit",
+    "431": "Request header fields too large: a header, or their number, is over the server's limit",
+}
 
 
 def validation_error_response(error: ValidationError) -> Response:
@@ -35,13 +41,13 @@ def security_schemes(header: str) -> dict[str, Any]:
     }
 
 
-def _parameter(name: str, description: str) -> dict[str, Any]:
+def _parameter(name: str, description: str, pattern: str | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "in": "header",
         "required": False,
         "description": description,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", **({"pattern": pattern} if pattern else {})},
     }
 
 
@@ -50,9 +56,7 @@ def openapi_document(app: OpenAPI) -> dict[str, Any]:
     spec: dict[str, Any] = copy.deepcopy(app.api_doc)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("ValidationErrorModel", None)
-    schemas[ProductPatch.__name__] = ProductPatch.model_json_schema(
-        ref_template="#/components/schemas/{model}"
-    )
+    schemas[ProductPatch.__name__] = PRODUCT_PATCH.json_schema(ref_template="#/components/schemas/{model}")
     problem_ref = {"$ref": "#/components/schemas/ProblemDetail"}
     for path, item in spec["paths"].items():
         for method, operation in item.items():
@@ -61,16 +65,19 @@ def openapi_document(app: OpenAPI) -> dict[str, Any]:
             if is_api:
                 operation["security"] = [{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}]
                 responses["422"] = {"description": "Validation failed"}
+                responses.update(
+                    {code: {"description": text} for code, text in SERVER_LIMIT_RESPONSES.items()}
+                )
             for status, response in responses.items():
                 code = int(status)
                 if code >= 400:
                     response["content"] = {PROBLEM_MIMETYPE: {"schema": problem_ref}}
                 headers = response.setdefault("headers", {})
                 headers["X-Request-ID"] = {"description": "The request's id", **HEADER_TEXT}
-                if is_api:
+                if is_api and status not in SERVER_LIMIT_RESPONSES:
                     for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"):
                         headers[name] = {"description": "Rate limit of the calling client", **HEADER_INT}
-                if code == 429:
+                if code in (429, 503):
                     headers["Retry-After"] = {"description": "Seconds until a retry can pass", **HEADER_INT}
                 if code == 401:
                     headers["WWW-Authenticate"] = {"description": "How to authenticate", **HEADER_TEXT}
@@ -90,10 +97,19 @@ def openapi_document(app: OpenAPI) -> dict[str, Any]:
                     _parameter("If-None-Match", "Answer 304 if the product still has this ETag")
                 )
             if method in ("put", "patch", "delete"):
-                parameters.append(_parameter("If-Match", "Answer 412 unless the product still has this ETag"))
+                parameters.append(
+                    _parameter(
+                        "If-Match",
+                        "Answer 412 unless the product still has this ETag (an empty value: no condition)",
+                    )
+                )
             if method == "post":
                 parameters.append(
-                    _parameter("Idempotency-Key", "Repeat-safe create: 1-255 visible ASCII characters")
+                    _parameter(
+                        "Idempotency-Key",
+                        "Repeat-safe create: 1-255 visible ASCII characters",
+                        IDEMPOTENCY_KEY_PATTERN,
+                    )
                 )
             if method == "patch":
                 operation["requestBody"] = {

@@ -9,14 +9,15 @@ from flask import Response, g, request
 from flask_openapi3.blueprint import APIBlueprint
 from flask_openapi3.models.tag import Tag
 from pydantic import ValidationError
+from werkzeug.exceptions import BadRequest
 
 from catalog.api.schemas import (
+    PRODUCT_PATCH,
     ProblemDetail,
     Product,
     ProductIn,
     ProductListQuery,
     ProductPage,
-    ProductPatch,
     ProductPath,
     merge_patch,
 )
@@ -28,14 +29,15 @@ JSON_TYPES: dict[str, tuple[str, ...]] = {
     "PUT": ("application/json",),
     "PATCH": ("application/merge-patch+json", "application/json"),
 }
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# 1-255 visible ASCII characters; the API document states the same pattern.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 products_tag = Tag(name="products", description="The product catalog")
 api = APIBlueprint("products", __name__, url_prefix="/api/v1", abp_tags=[products_tag])
 
 Responses = dict[str | int, Any]
-# 414 and 431 come from gunicorn itself (a request line or header over its limits), as problem bodies too.
-PROBLEMS: Responses = {status: ProblemDetail for status in (400, 401, 403, 413, 414, 415, 429, 431, 503)}
+PROBLEMS: Responses = {status: ProblemDetail for status in (400, 401, 403, 413, 415, 429, 503)}
 READ_RESPONSES: Responses = {**PROBLEMS, 404: ProblemDetail}
 WRITE_RESPONSES: Responses = {**READ_RESPONSES, 409: ProblemDetail, 412: ProblemDetail}
 
@@ -52,23 +54,33 @@ class MalformedJson(Problem):
     status, slug, title = 400, "malformed-json", "Malformed JSON"
 
 
-class InvalidHeader(Problem):
-    """A request header has a value outside its rules."""
+class InvalidRequest(Problem):
+    """A header or the body breaks a rule of the API (the body: a JSON object, as the schemas say)."""
 
     status, slug, title = 422, "validation-error", "Validation failed"
 
 
 @api.before_request
 def read_json_body() -> None:
-    """415 for a body that is not JSON, 400 for JSON that does not parse; before any validation."""
+    """415 for a body that is not JSON, 400 for JSON that does not parse, 422 for JSON that is not an
+    object (`null`, or a string that itself holds JSON, which flask-openapi3 would otherwise decode a second
+    time); before any validation."""
     accepted = JSON_TYPES.get(request.method)
     if accepted is None:
         return
     if request.mimetype not in accepted:
         raise UnsupportedMediaType(f"Send the body as {' or '.join(accepted)}.")
-    body = request.get_json(force=True, silent=True, cache=True)
-    if body is None:
-        raise MalformedJson("The request body is not valid JSON.")
+    try:
+        body = request.get_json(force=True)  # cached: validation reads this same value
+    except BadRequest:
+        raise MalformedJson("The request body is not valid JSON.") from None
+    except RecursionError:  # RFC 8259 section 9 lets a parser limit nesting; Python's json does
+        raise MalformedJson("The request body nests deeper than this service reads.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "The request body must be a JSON object.",
+            errors=[{"loc": ["body"], "msg": "Input should be a JSON object"}],
+        )
 
 
 def _json(body: bytes, headers: dict[str, str], status: int = 200) -> Response:
@@ -76,8 +88,9 @@ def _json(body: bytes, headers: dict[str, str], status: int = 200) -> Response:
 
 
 def _if_match() -> Precondition | None:
-    """The If-Match precondition as a test on the current version (strong comparison), if one was sent."""
-    if "If-Match" not in request.headers:
+    """The If-Match precondition as a test on the current version (strong comparison), if one was sent.
+    An empty If-Match lists no entity tag and so sets no condition, as an empty If-None-Match does."""
+    if not request.headers.get("If-Match", "").strip():
         return None
     if_match = request.if_match
     return lambda version: if_match.is_strong(str(version)) or if_match.star_tag
@@ -110,8 +123,8 @@ def get_product(path: ProductPath) -> Response:
 def create_product(body: ProductIn) -> Response:
     """Create a product; with `Idempotency-Key`, a repeat of the same request returns the first answer."""
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise InvalidHeader(
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest(
             "Idempotency-Key must be 1-255 visible ASCII characters.",
             errors=[{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 visible ASCII characters"}],
         )
@@ -136,7 +149,7 @@ def patch_product(path: ProductPath) -> Response:
     """Apply an RFC 7396 merge patch (`application/merge-patch+json`); `If-Match` as for PUT."""
     patch = request.get_json(silent=True)
     try:
-        ProductPatch.model_validate(patch)
+        PRODUCT_PATCH.validate_python(patch)
     except ValidationError as error:
         return validation_problem(error, "body")
 

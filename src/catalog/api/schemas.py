@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, with_config
+from typing_extensions import TypedDict
+
+from catalog.products import CURSOR_PATTERN
+
+# Text every backend can store: no NUL character (the document states it as this pattern, which the
+# validator checks too) and no lone surrogate (not Unicode text at all, so no JSON Schema string has one).
+TEXT_PATTERN = r"^[^\u0000]*$"
+_TEXT = re.compile(TEXT_PATTERN)
 
 
 def _storable(value: str) -> str:
     """Text every backend can store: no NUL character, no lone surrogate."""
-    if "\x00" in value:
+    if not _TEXT.fullmatch(value):
         raise ValueError("must not contain the NUL character")
     try:
         value.encode("utf-8")
@@ -18,11 +27,21 @@ def _storable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_storable)]
+def _whole_number(value: Any) -> Any:
+    """A float without a fraction (1250.0) is the integer it equals, as JSON Schema reads numbers; booleans,
+    strings and fractions stay what they are and are rejected."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
 Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Z0-9-]+$", examples=["ABC-123"])]
 Name = Annotated[Text, Field(min_length=1, max_length=200, examples=["Espresso cup"])]
 Description = Annotated[Text, Field(max_length=2000)]
-PriceCents = Annotated[int, Field(ge=0, le=10**12, strict=True, examples=[1250])]
+PriceCents = Annotated[
+    int, Field(ge=0, le=10**12, strict=True, examples=[1250]), BeforeValidator(_whole_number)
+]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
 Tag = Annotated[Text, Field(min_length=1, max_length=40)]
 Tags = Annotated[list[Tag], Field(max_length=20)]
@@ -41,17 +60,20 @@ class ProductIn(BaseModel):
     tags: Tags = Field(default_factory=list)
 
 
-class ProductPatch(BaseModel):
-    """A JSON merge patch (RFC 7396) of a product: present fields replace, null resets to the default."""
+@with_config(ConfigDict(extra="forbid", strict=True))
+class ProductPatch(TypedDict, total=False):
+    """A JSON merge patch (RFC 7396) of a product: present fields replace; null resets an optional field
+    (description, tags) to its default, and may not remove a required one."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    sku: Sku
+    name: Name
+    description: Description | None
+    price_cents: PriceCents
+    currency: Currency
+    tags: Tags | None
 
-    sku: Sku | None = None
-    name: Name | None = None
-    description: Description | None = None
-    price_cents: PriceCents | None = None
-    currency: Currency | None = None
-    tags: Tags | None = None
+
+PRODUCT_PATCH = TypeAdapter(ProductPatch)
 
 
 class Product(BaseModel):
@@ -99,8 +121,10 @@ class ProductListQuery(QueryModel):
     """Paging and filtering of the product list."""
 
     limit: int = Field(20, ge=1, le=100, description="Products per page")
-    cursor: str | None = Field(None, max_length=200, description="`next_cursor` of the previous page")
-    tag: str | None = Field(None, min_length=1, max_length=40, description="Only products with this tag")
+    cursor: str | None = Field(
+        None, pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page (no other value)"
+    )
+    tag: Tag | None = Field(None, description="Only products with this tag")
 
 
 class ProductPath(BaseModel):
