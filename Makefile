@@ -59,11 +59,12 @@ check-delivery: install-dev install-tools
 e2e:
 	bash tests/e2e/run.sh
 
-# Cached GET vs. a bare Flask endpoint and vs. the obvious stack (needs redis-server and wrk).
+# Cached reads vs. a bare Flask endpoint and vs. the obvious stack, median of 3 rounds (needs redis-server
+# and wrk); the table and a chart go to bench/out/.
 bench: install-dev
 	test -x $(BENCH_VENV)/bin/python || $(UV) venv --quiet --python $(VENV)/bin/python $(BENCH_VENV)
 	$(UV) pip sync --quiet --python $(BENCH_VENV)/bin/python --require-hashes bench/requirements.txt
-	$(BENCH_VENV)/bin/python bench/run.py
+	$(BENCH_VENV)/bin/python bench/run.py --repeat 3
 
 COMPILE := $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes
 lock: $(UV)

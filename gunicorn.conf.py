@@ -19,7 +19,7 @@ except ConfigError as error:
     sys.exit(2)
 
 from catalog import metrics, tracing
-from catalog.cache import BOARD_ENV
+from catalog.cache.board import BOARD_ENV
 
 wsgi_app = "catalog:create_app()"
 # Every interface, IPv4 and IPv6 (`make run` overrides it with --bind 127.0.0.1:$PORT).
@@ -36,6 +36,8 @@ keepalive = 5
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 - tmpfs, not a shared temp dir
 control_socket_disable = True
 accesslog = None
+# gunicorn's logger without its access log (the app writes the one access line of each request).
+logger_class = "catalog.logs.JsonGunicornLogger"
 logconfig_dict = logs.gunicorn_logconfig(settings.log_level)
 proc_name = "catalog"
 

@@ -8,7 +8,7 @@ the way its README shows.
 It reads the same environment as catalog: CATALOG_DATABASE_URL, CATALOG_REDIS_URL, CATALOG_API_KEYS_DIR,
 CATALOG_RATE_LIMIT, CATALOG_CACHE_TTL_SECONDS, PROMETHEUS_MULTIPROC_DIR.
 
-    python obvious_app.py --init-db <product-id>   # create the table and the product (before gunicorn)
+    python obvious_app.py --init-db <product-id>...  # create the table and the products (before gunicorn)
     gunicorn obvious_app:app                        # serve
 """
 
@@ -27,7 +27,7 @@ from flask_caching import Cache
 from flask_limiter import Limiter
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 from pythonjsonlogger.json import JsonFormatter
-from sqlalchemy import JSON, DateTime, Integer, String, create_engine
+from sqlalchemy import JSON, DateTime, Integer, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 DATABASE_URL = os.environ.get("CATALOG_DATABASE_URL", "sqlite:///obvious.db")
@@ -155,16 +155,27 @@ def get_product(product_id: str) -> Response:
         return jsonify(product.to_dict())
 
 
-def init_db(product_id: str) -> None:
-    """Create the table and the one product the bench reads."""
+@app.get("/api/v1/products")
+@cache.cached(query_string=True)
+def list_products() -> Response:
+    limit = min(max(int(request.args.get("limit", "20")), 1), 100)
+    with Session(engine) as session:
+        products = session.scalars(select(Product).order_by(Product.id).limit(limit)).all()
+        return jsonify({"items": [product.to_dict() for product in products], "next_cursor": None})
+
+
+def init_db(product_ids: list[str]) -> None:
+    """Create the table and the products the bench reads."""
     Base.metadata.create_all(engine)
     now = datetime.now(UTC)
     with Session(engine) as session, session.begin():
-        if session.get(Product, product_id) is None:
+        for index, product_id in enumerate(product_ids):
+            if session.get(Product, product_id) is not None:
+                continue
             session.add(
                 Product(
                     id=product_id,
-                    sku="BENCH-1",
+                    sku=f"BENCH-{index + 1}",
                     name="Bench product",
                     description="A product to measure with",
                     price_cents=1250,
@@ -178,7 +189,7 @@ def init_db(product_id: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--init-db":
-        init_db(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--init-db":
+        init_db(sys.argv[2:])
     else:
         sys.exit(__doc__)

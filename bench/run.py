@@ -1,33 +1,36 @@
 #!/usr/bin/env python3
-"""Benchmark catalog's read path against its floor, a bare Flask app and the "obvious" build.
+"""Benchmark catalog's read path against a bare Flask app (the floor) and the "obvious" build (the peer).
 
 One run starts these servers, each under gunicorn with the SAME settings (gthread, 2 workers, 4 threads,
 keep-alive 5 s, no max-requests restarts, loopback port chosen free), then loads them one at a time with
 wrk (fixed duration, connections and threads, after a short warm-up), in rounds with --repeat (median
 shown):
 
-  floor     catalog's own GET /livez: the cost of the stack itself (gunicorn + Flask + catalog's hooks)
-  bare      bench/bare_app.py: a bare Flask endpoint returning a small JSON product
-  cached    catalog GET /api/v1/products/<id> with everything on: API key, Redis cache (X-Cache: HIT),
-            Redis rate limit (high enough not to trigger), JSON access log (to /dev/null),
-            multiprocess metrics; tracing off
-  cached-traced  the same with tracing on, every request sampled, exported over OTLP/HTTP to a stand-in
-            Collector on 127.0.0.1 (which counts the spans)
-  uncached  the same GET with the cache off (CATALOG_CACHE_TTL_SECONDS=0 -> X-Cache: BYPASS): the
-            database path
-  obvious   bench/obvious_app.py: the same endpoint built the obvious way (Flask-Caching, Flask-Limiter,
-            python-json-logger, prometheus-flask-exporter, SQLAlchemy + SQLite)
+  floor       bench/bare_app.py: a bare Flask endpoint returning one small JSON product
+  floor-list  the same app returning a page of 20 such products
+  get         catalog GET /api/v1/products/<id> with everything on: API key, Redis cache (X-Cache: HIT),
+              rate limit (high enough not to trigger), JSON access log (to /dev/null), multiprocess metrics
+  list        catalog GET /api/v1/products?limit=20 (20 products), everything on, cached
+  get-traced  `get` with tracing on: every request sampled, the spans exported over OTLP/HTTP to a
+              stand-in Collector on 127.0.0.1 (which decodes them and counts the spans)
+  uncached    catalog GET of one product with the cache off (CATALOG_CACHE_TTL_SECONDS=0 -> BYPASS): the
+              database path
+  patch       catalog PATCH /api/v1/products/<id> (merge patch, SQLite write, cache invalidation)
+  peer        bench/obvious_app.py: the same GET built the obvious way (Flask-Caching, Flask-Limiter,
+              python-json-logger, prometheus-flask-exporter, SQLAlchemy + SQLite)
+  peer-list   the obvious build's page of 20
 
-and prints requests/s, p50 and p99 of each and the ratios cached/bare (target >= 0.7), cached/obvious
-(target >= 2), cached/floor, cached-traced/cached and cached/uncached; also the servers' CPU time per
-request (from /proc) and the same ratios computed from it, which a busy shared machine disturbs much
-less than requests/s.
+and prints requests/s, p50, p99 and the servers' CPU time per request (from /proc) of each, and the
+ratios: get/floor and list/floor-list (target >= 0.7), get/peer and list/peer-list (target >= 2), and the
+p99 of get and list against their floor's (target <= 1.5 x); get-traced/get is what tracing every request
+costs (`get` runs with tracing off). The table (text and JSON) and a chart (PNG)
+are written to bench/out/.
 
     python bench/run.py [--duration 10] [--connections 16] [--threads 2] [--json] [--check]
 
 Needs: `wrk` and `redis-server` on PATH; catalog installed in the project venv (`make install`, or
---catalog-venv); this interpreter with bench/requirements.in installed (for the bare and obvious apps).
-Everything listens on 127.0.0.1 only and is stopped at the end.
+--catalog-venv); this interpreter with bench/requirements.in installed (for the bare and obvious apps and
+the chart). Everything listens on 127.0.0.1 only and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -57,17 +60,24 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WRK_SCRIPT = BENCH / "wrk_report.lua"
 
-SCENARIOS = ("floor", "bare", "cached", "cached-traced", "uncached", "obvious")
+SCENARIOS = ("floor", "floor-list", "get", "get-traced", "list", "uncached", "patch", "peer", "peer-list")
 WORKERS, THREADS = 2, 4
-# (numerator, denominator, target or None): cached must reach 70 % of a bare Flask endpoint and twice the
-# obvious build.
+OUT = BENCH / "out"
+LIST_SIZE = 20
+# (numerator, denominator, target or None) of requests/s: a cached read must reach 70 % of a bare Flask
+# endpoint returning the same body and twice the obvious build.
 RATIOS = (
-    ("cached", "bare", 0.7),
-    ("cached", "obvious", 2.0),
-    ("cached", "floor", None),
-    ("cached-traced", "cached", None),
-    ("cached", "uncached", None),
+    ("get", "floor", 0.7),
+    ("get", "peer", 2.0),
+    ("list", "floor-list", 0.7),
+    ("list", "peer-list", 2.0),
+    ("get", "uncached", None),
+    ("get-traced", "get", None),
+    ("patch", "floor", None),
 )
+# (scenario, its floor, at most this many times the floor's p99)
+P99_LIMITS = (("get", "floor", 1.5), ("list", "floor-list", 1.5))
+PATCH_BODY = json.dumps({"price_cents": 1300})
 PRODUCT = {
     "sku": "BENCH-1",
     "name": "Bench product",
@@ -238,55 +248,18 @@ def redis_server(logdir: Path) -> Iterator[tuple[int, Process]]:
         yield port, process
 
 
-class OtlpSink:
-    """Stands in for an OpenTelemetry Collector on 127.0.0.1: answers every OTLP/HTTP trace export with 200
-    and counts the spans in it (decoded with opentelemetry-proto, the exporter's own wire format)."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        self.spans = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                message = ExportTraceServiceRequest()
-                message.ParseFromString(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-                sink.spans += sum(
-                    len(scope.spans) for resource in message.resource_spans for scope in resource.scope_spans
-                )
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                """Quiet."""
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-@contextlib.contextmanager
-def otlp_sink() -> Iterator[OtlpSink]:
-    sink = OtlpSink()
-    thread = threading.Thread(target=sink.server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        sink.server.shutdown()
-        sink.server.server_close()
-
-
 # --- load ---------------------------------------------------------------------------------------------
 
 
-def wrk(url: str, settings: Settings, duration: int, api_key: str | None) -> dict[str, Any]:
+def wrk(url: str, settings: Settings, duration: int, target: Target) -> dict[str, Any]:
     binary = shutil.which("wrk")
     if binary is None:
         raise BenchError("wrk is not on PATH (Debian package wrk)")
-    env = dict(os.environ, BENCH_API_KEY=api_key or "")
+    env = dict(os.environ, BENCH_API_KEY=target.api_key or "", BENCH_METHOD=target.method)
+    if target.body is not None:
+        env.update(BENCH_BODY=target.body, BENCH_CONTENT_TYPE="application/merge-patch+json")
+    if target.paths:
+        env.update(BENCH_PATHS=" ".join(target.paths))
     cmd = [binary, f"-t{settings.threads}", f"-c{settings.connections}", f"-d{duration}s", "--timeout", "5s"]
     cmd += ["-s", str(WRK_SCRIPT), url]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -307,6 +280,9 @@ class Target:
     api_key: str | None = None
     expect_cache: str | None = None  # the X-Cache answer a GET must carry: HIT, or "not HIT"
     processes: list[Process] = field(default_factory=list)  # whose CPU time the requests cost
+    method: str = "GET"
+    body: str | None = None
+    paths: list[str] = field(default_factory=list)  # several paths in turn (else `path` only)
     runs: list[dict[str, Any]] = field(default_factory=list)
     seen_cache: str | None = None  # X-Cache right after the last run
 
@@ -351,10 +327,10 @@ def summarize(target: Target) -> Result:
 def load(target: Target, settings: Settings, warmup: bool) -> None:
     url = target.base + target.path
     if warmup and settings.warmup:
-        wrk(url, settings, settings.warmup, target.api_key)
+        wrk(url, settings, settings.warmup, target)
     pids = [pid for process in target.processes for pid in process_tree(process.proc.pid)]
     cpu_before = cpu_seconds(pids)
-    data = wrk(url, settings, settings.duration, target.api_key)
+    data = wrk(url, settings, settings.duration, target)
     data["server_cpu_s"] = cpu_seconds(pids) - cpu_before
     target.runs.append(data)
     if target.expect_cache is not None:
@@ -417,7 +393,49 @@ class Context:
     redis: Process
     api_key: str
     product_id: str
+    product_ids: list[str] = field(default_factory=list)
     otlp_sink: OtlpSink | None = None
+
+
+class OtlpSink:
+    """Stands in for an OpenTelemetry Collector on 127.0.0.1: answers every OTLP/HTTP trace export with 200
+    and counts the spans in it (decoded with opentelemetry-proto, the exporter's own wire format)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                message = ExportTraceServiceRequest()
+                message.ParseFromString(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                sink.spans += sum(
+                    len(scope.spans) for resource in message.resource_spans for scope in resource.scope_spans
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[OtlpSink]:
+    sink = OtlpSink()
+    thread = threading.Thread(target=sink.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        sink.server.shutdown()
+        sink.server.server_close()
 
 
 def setup_step(what: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
@@ -427,16 +445,20 @@ def setup_step(what: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> Non
         raise BenchError(f"{what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
 
-def start_bare(ctx: Context) -> list[Target]:
+def start_floor(ctx: Context) -> list[Target]:
     port = free_port()
-    env = base_env(port, ctx.tmp / "metrics-bare")
+    env = base_env(port, ctx.tmp / "metrics-floor")
     base = f"http://127.0.0.1:{port}"
     cmd = [ctx.python, "-m", "gunicorn", *gunicorn_args(port), "bare_app:app"]
-    process = ctx.stack.enter_context(running("bare", cmd, env, BENCH, ctx.tmp))
+    process = ctx.stack.enter_context(running("floor", cmd, env, BENCH, ctx.tmp))
     wait_http(process, base + "/livez")
-    target = Target("bare", base, "/api/v1/products/bench", processes=[process])
-    x_cache(target)  # one warm-up GET, and it must answer 200
-    return [target]
+    targets = [
+        Target("floor", base, "/api/v1/products/bench", processes=[process]),
+        Target("floor-list", base, f"/api/v1/products?limit={LIST_SIZE}", processes=[process]),
+    ]
+    for target in targets:
+        x_cache(target)  # one warm-up GET, and it must answer 200
+    return targets
 
 
 def catalog_env(ctx: Context, port: int, ttl: int, tag: str) -> dict[str, str]:
@@ -470,22 +492,36 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         running("catalog", [str(gunicorn), *gunicorn_args(port)], env, ROOT, ctx.tmp)
     )
     wait_http(process, base + "/livez")
-    status, _, body = http(
-        "POST",
-        base + "/api/v1/products",
-        {**headers, "Content-Type": "application/json"},
-        json.dumps(PRODUCT).encode(),
-    )
-    if status != 201:
-        raise BenchError(f"catalog: POST /api/v1/products answered {status}: {body[:300]!r}")
-    ctx.product_id = str(json.loads(body)["id"])
+    ids = []
+    for index in range(LIST_SIZE):  # a full first page; the last product is the one PATCH changes
+        status, _, body = http(
+            "POST",
+            base + "/api/v1/products",
+            {**headers, "Content-Type": "application/json"},
+            json.dumps({**PRODUCT, "sku": f"BENCH-{index + 1}"}).encode(),
+        )
+        if status != 201:
+            raise BenchError(f"catalog: POST /api/v1/products answered {status}: {body[:300]!r}")
+        ids.append(str(json.loads(body)["id"]))
+    ctx.product_id = ids[0]
+    ctx.product_ids = ids
     path = f"/api/v1/products/{ctx.product_id}"
-    if "floor" in wanted:
-        targets.append(Target("floor", base, "/livez", processes=[process, ctx.redis]))
-    if "cached" in wanted:
-        cached = Target("cached", base, path, ctx.api_key, "HIT", [process, ctx.redis])
-        x_cache(cached)  # the warm-up GET fills the cache
-        targets.append(cached)
+    every = [process, ctx.redis]
+    if "get" in wanted:
+        targets.append(Target("get", base, path, ctx.api_key, "HIT", every))
+    if "list" in wanted:
+        targets.append(Target("list", base, f"/api/v1/products?limit={LIST_SIZE}", ctx.api_key, "HIT", every))
+    if "patch" in wanted:
+        # Each connection's PATCHes go round all products but the one `get` reads, so concurrent writes
+        # rarely meet on one row (those that do are retried, or answered 412 after three tries).
+        patched = [f"/api/v1/products/{product_id}" for product_id in ids[1:]]
+        targets.append(
+            Target("patch", base, patched[0], ctx.api_key, None, every, "PATCH", PATCH_BODY, patched)
+        )
+    time.sleep(1)  # the near-caches' invalidation listeners have subscribed
+    for target in targets:
+        if target.method == "GET":
+            x_cache(target)  # the warm-up GET fills the cache
 
     def another_catalog(name: str, ttl: int, expect_cache: str, **extra_env: str) -> None:
         port = free_port()
@@ -498,11 +534,11 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         x_cache(target)  # the warm-up GET (fills the cache where there is one)
         targets.append(target)
 
-    if "cached-traced" in wanted:
-        # Tracing on, every request sampled, spans exported to a local stand-in for a Collector.
+    if "get-traced" in wanted:
+        # Tracing on, every request sampled, the spans exported to a local stand-in for a Collector.
         ctx.otlp_sink = ctx.stack.enter_context(otlp_sink())
         another_catalog(
-            "cached-traced",
+            "get-traced",
             60,
             "HIT",
             OTEL_EXPORTER_OTLP_ENDPOINT=ctx.otlp_sink.endpoint,
@@ -513,9 +549,9 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
     return targets
 
 
-def start_obvious(ctx: Context) -> list[Target]:
+def start_peer(ctx: Context) -> list[Target]:
     port = free_port()
-    env = base_env(port, ctx.tmp / "metrics-obvious")
+    env = base_env(port, ctx.tmp / "metrics-peer")
     env.update(
         CATALOG_DATABASE_URL=f"sqlite:///{ctx.tmp / 'obvious.db'}",
         CATALOG_API_KEYS_DIR=str(ctx.tmp / "api-keys"),
@@ -523,15 +559,20 @@ def start_obvious(ctx: Context) -> list[Target]:
         CATALOG_CACHE_TTL_SECONDS="60",
         CATALOG_RATE_LIMIT="1000000/second",
     )
-    setup_step("obvious: --init-db", [ctx.python, "obvious_app.py", "--init-db", ctx.product_id], BENCH, env)
+    ids = ctx.product_ids or [ctx.product_id]
+    setup_step("peer: --init-db", [ctx.python, "obvious_app.py", "--init-db", *ids], BENCH, env)
     base = f"http://127.0.0.1:{port}"
     cmd = [ctx.python, "-m", "gunicorn", *gunicorn_args(port), "obvious_app:app"]
-    process = ctx.stack.enter_context(running("obvious", cmd, env, BENCH, ctx.tmp))
+    process = ctx.stack.enter_context(running("peer", cmd, env, BENCH, ctx.tmp))
     wait_http(process, base + "/livez")
-    path = f"/api/v1/products/{ctx.product_id}"
-    target = Target("obvious", base, path, ctx.api_key, processes=[process, ctx.redis])
-    x_cache(target)  # the warm-up GET fills Flask-Caching's entry
-    return [target]
+    every = [process, ctx.redis]
+    targets = [
+        Target("peer", base, f"/api/v1/products/{ctx.product_id}", ctx.api_key, processes=every),
+        Target("peer-list", base, f"/api/v1/products?limit={LIST_SIZE}", ctx.api_key, processes=every),
+    ]
+    for target in targets:
+        x_cache(target)  # the warm-up GET fills Flask-Caching's entry
+    return targets
 
 
 def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
@@ -557,6 +598,18 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
                 "met": met,
             }
         )
+    for scenario, floor, at_most in P99_LIMITS:
+        a, b = results.get(scenario), results.get(floor)
+        value = round(a.p99_ms / b.p99_ms, 3) if a and b and a.p99_ms and b.p99_ms else None
+        out.append(
+            {
+                "ratio": f"p99 {scenario}/{floor}",
+                "value": value,
+                "by_cpu": None,
+                "target": at_most,
+                "met": None if value is None else value <= at_most,
+            }
+        )
     return out
 
 
@@ -566,7 +619,7 @@ def table(results: list[Result], ratio_rows: list[dict[str, Any]], settings: Set
         f"{settings.threads} threads, {settings.connections} connections, {settings.duration} s "
         f"x {settings.repeat} (median shown; +{settings.warmup} s warm-up)",
         "",
-        f"{'scenario':<14} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11} {'requests':>10} "
+        f"{'scenario':<11} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11} {'requests':>10} "
         f"{'X-Cache':>8}  note",
     ]
 
@@ -575,18 +628,79 @@ def table(results: list[Result], ratio_rows: list[dict[str, Any]], settings: Set
 
     for r in results:
         lines.append(
-            f"{r.name:<14} {number(r.requests_per_second, '.0f'):>10} {number(r.p50_ms, '.2f'):>9} "
+            f"{r.name:<11} {number(r.requests_per_second, '.0f'):>9} {number(r.p50_ms, '.2f'):>9} "
             f"{number(r.p99_ms, '.2f'):>9} {number(r.cpu_us_per_request, '.0f'):>11} {r.requests:>10} "
             f"{r.x_cache or '':>8}  {r.error or ''}"
         )
-    lines += ["", f"{'ratio':<21} {'req/s':>6} {'by CPU':>7}"]
+    lines += ["", f"{'ratio':<22} {'value':>6} {'by CPU':>7}"]
     for row in ratio_rows:
         verdict = ""
         if row["target"] is not None:
-            verdict = f"target >= {row['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+            relation = "<=" if row["ratio"].startswith("p99") else ">="
+            outcome = {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+            verdict = f"target {relation} {row['target']}: {outcome}"
         value = number(row["value"], ".2f")
-        lines.append(f"{row['ratio']:<21} {value:>6} {number(row['by_cpu'], '.2f'):>7}  {verdict}")
+        lines.append(f"{row['ratio']:<22} {value:>6} {number(row['by_cpu'], '.2f'):>7}  {verdict}")
     return "\n".join(lines)
+
+
+def write_outputs(
+    results: list[Result], ratio_rows: list[dict[str, Any]], settings: Settings, elapsed: float
+) -> None:
+    """The table (text and JSON) and a chart of the run under bench/out/ (git-ignored), stamped with the
+    time, and as latest.*."""
+    OUT.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    text = table(results, ratio_rows, settings) + f"\n\n({elapsed} s, load average {os.getloadavg()})\n"
+    document = json.dumps(
+        {
+            "settings": asdict(settings),
+            "results": [asdict(r) for r in results],
+            "ratios": ratio_rows,
+            "elapsed_s": elapsed,
+        },
+        indent=2,
+    )
+    for name in (stamp, "latest"):
+        (OUT / f"bench-{name}.txt").write_text(text)
+        (OUT / f"bench-{name}.json").write_text(document)
+    try:
+        chart(results, ratio_rows, OUT / f"bench-{stamp}.png")
+        shutil.copyfile(OUT / f"bench-{stamp}.png", OUT / "bench-latest.png")
+    except ImportError:
+        log("matplotlib is not installed: no chart (bench/requirements.txt has it)")
+    log(f"table and chart in {OUT}")
+
+
+def chart(results: list[Result], ratio_rows: list[dict[str, Any]], path: Path) -> None:
+    """Requests/s and p99 of every scenario, and the ratios against their targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in results if r.requests_per_second]
+    figure, (speed, latency, ratio) = plt.subplots(1, 3, figsize=(16, 5))
+    names = [r.name for r in measured]
+    colours = ["tab:gray" if r.name.startswith(("floor", "peer")) else "tab:blue" for r in measured]
+    speed.bar(names, [r.requests_per_second or 0 for r in measured], color=colours)
+    speed.set_title("requests/s (higher is better)")
+    latency.bar(names, [r.p99_ms or 0 for r in measured], color=colours)
+    latency.set_title("p99 latency, ms (lower is better)")
+    for axis in (speed, latency):
+        axis.tick_params(axis="x", rotation=45)
+    targeted = [row for row in ratio_rows if row["target"] is not None and row["value"] is not None]
+    ratio.barh(
+        [row["ratio"] for row in targeted],
+        [row["value"] for row in targeted],
+        color=["tab:green" if row["met"] else "tab:red" for row in targeted],
+    )
+    for index, row in enumerate(targeted):
+        ratio.plot([row["target"]] * 2, [index - 0.4, index + 0.4], color="black")
+    ratio.set_title("ratios (black line: target)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -642,20 +756,20 @@ def main(argv: list[str] | None = None) -> int:
             # time: a change in the machine's load then hits every scenario alike.
             targets: list[Target] = []
             starters = (
-                ("bare", {"bare"}, lambda: start_bare(ctx)),
+                ("floor", {"floor", "floor-list"}, lambda: start_floor(ctx)),
                 (
                     "catalog",
-                    {"floor", "cached", "cached-traced", "uncached"},
+                    {"get", "get-traced", "list", "uncached", "patch"},
                     lambda: start_catalog(ctx, wanted),
                 ),
-                ("obvious", {"obvious"}, lambda: start_obvious(ctx)),
+                ("peer", {"peer", "peer-list"}, lambda: start_peer(ctx)),
             )
             for label, names, start in starters:
                 if not wanted & names:
                     continue
                 log(f"starting {label}")
                 try:
-                    targets.extend(start())
+                    targets.extend(target for target in start() if target.name in wanted)
                 except BenchError as error:
                     log(f"{label} failed: {error}")
                     for name in sorted(wanted & names):
@@ -699,15 +813,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(table(ordered, ratio_rows, settings))
-        if exported_spans is not None and "cached-traced" in results:
+        if exported_spans is not None and "get-traced" in results:
             print(
-                f"\ncached-traced: every request sampled; {exported_spans} spans reached the OTLP sink for "
-                f"{results['cached-traced'].requests} measured requests (+ warm-up)"
+                f"\nget-traced: every request sampled; {exported_spans} spans reached the OTLP sink for "
+                f"{results['get-traced'].requests} measured requests (+ warm-up)"
             )
         for r in ordered:
             if r.error and r.requests_per_second is None:
                 print(f"\n{r.name} failed: {r.error}")
         print(f"\n({elapsed} s)")
+    write_outputs(ordered, ratio_rows, settings, elapsed)
     failed = any(r.error for r in ordered) or any(row["met"] is False for row in ratio_rows)
     return 1 if args.check and failed else 0
 

@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import psycopg
@@ -201,14 +202,20 @@ def settings(database_url: str, keys_dir: SecretDir) -> Settings:
     )
 
 
-@pytest.fixture
-def app(settings: Settings) -> Iterator[Any]:
-    """The app, as gunicorn would build it; its connections are closed afterwards."""
-    application = create_app(settings)
-    yield application
+def close_app(application: Any) -> None:
+    """Stop an app's background threads and close its connections."""
+    application.extensions["catalog.background"].stop()
     application.extensions["catalog.db"].engine.dispose()
     if application.extensions["catalog.redis"] is not None:
-        application.extensions["catalog.redis"].client.close()
+        application.extensions["catalog.redis"].client.connection_pool.disconnect()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Any]:
+    """The app, as gunicorn would build it; its threads and connections are closed afterwards."""
+    application = create_app(settings)
+    yield application
+    close_app(application)
 
 
 @pytest.fixture
@@ -218,19 +225,45 @@ def client(app: Any) -> Any:
 
 
 @pytest.fixture
-def make_client() -> Iterator[Callable[[Settings], Any]]:
-    """Build apps and return their test clients; their Redis connections are closed after the test."""
+def build_app() -> Iterator[Callable[[Settings], Any]]:
+    """Build apps (`build_app(settings)`); their threads and connections are closed after the test."""
     apps: list[Any] = []
 
-    def make(settings: Settings) -> Any:
+    def build(settings: Settings) -> Any:
         apps.append(create_app(settings))
-        return apps[-1].test_client()
+        return apps[-1]
 
-    yield make
+    yield build
     for application in apps:
-        application.extensions["catalog.db"].engine.dispose()
-        if application.extensions["catalog.redis"] is not None:
-            application.extensions["catalog.redis"].client.connection_pool.disconnect()
+        close_app(application)
+
+
+@pytest.fixture
+def make_client(build_app: Callable[[Settings], Any]) -> Callable[[Settings], Any]:
+    """Build apps and return their test clients; they are closed after the test."""
+    return lambda settings: build_app(settings).test_client()
+
+
+class ThreadLoop:
+    """`threads` threads running `_run(index)` until the `with` block ends (subclasses say what they do;
+    `_stop` is set at the end)."""
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(index,)) for index in range(threads)]
+
+    def __enter__(self) -> "Self":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
 
 
 # --- real servers ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from catalog.cache import (
     RedisCache,
     make_redis,
 )
+from catalog.cache.bounded import ENTRY_OVERHEAD_BYTES
 from catalog.config import Settings
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.M)
@@ -330,11 +331,14 @@ def test_a_fill_that_raced_a_write_is_never_stored(two_workers_caches: list[Any]
 
 def test_the_in_process_cache_is_bounded_in_bytes_and_in_time(tmp_path: Any) -> None:
     """Past its byte budget the least recently used entries go; past the TTL (+10 % jitter) all entries go."""
-    cache = MemoryCache(1, InvalidationBoard(str(tmp_path / "board")), max_bytes=1000)
+    value_bytes = 1000
+    entry_bytes = value_bytes + ENTRY_OVERHEAD_BYTES + 60  # the key's object, too
+    cache = MemoryCache(1, InvalidationBoard(str(tmp_path / "board")), max_bytes=5 * entry_bytes)
     for index in range(20):
-        assert cache.page(str(index), lambda index=index: b"%03d" % index * 25)[1] == "MISS"  # 75 bytes each
+        value = b"%03d" % index * (value_bytes // 3) + b"x"
+        assert cache.page(str(index), lambda value=value: value)[1] == "MISS"
     assert cache.page("0", lambda: b"reloaded")[1] == "MISS"
-    assert cache.page("19", lambda: b"not read") == (b"019" * 25, "HIT")
+    assert cache.page("19", lambda: b"not read") == (b"019" * (value_bytes // 3) + b"x", "HIT")
     time.sleep(1.15)
     assert cache.page("19", lambda: b"reloaded") == (b"reloaded", "MISS")
 

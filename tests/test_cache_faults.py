@@ -4,7 +4,6 @@ over TLS) while the service keeps answering correctly, fast, and returns to HITs
 import dataclasses
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from tests.conftest import RedisServer, SecretDir, auth, free_port, product_body
+from tests.conftest import RedisServer, SecretDir, ThreadLoop, auth, free_port, product_body
 from tests.test_cache import create_product, metric, server_env
 from tests.tools import require_tool
 
@@ -44,24 +43,13 @@ def gauge(base_url: str, name: str) -> float:
     return metric(requests.get(f"{base_url}/metrics", timeout=5).text, name)
 
 
-class ReadLoop:
+class ReadLoop(ThreadLoop):
     """Threads that GET some paths over and over on fresh connections and keep every answer."""
 
     def __init__(self, urls: list[str], threads: int = 4) -> None:
+        super().__init__(threads)
         self.urls = urls
         self.answers: list[tuple[str, int, str, float, bytes]] = []  # url, status, X-Cache, seconds, body
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(offset,)) for offset in range(threads)]
-
-    def __enter__(self) -> "ReadLoop":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
     def _run(self, offset: int) -> None:
         index = offset
@@ -186,8 +174,9 @@ def test_redis_paused_costs_under_a_second_then_the_database_path_then_hits_agai
 def test_a_write_while_redis_is_paused_is_never_read_old_from_any_worker(
     gunicorn: Any, database_url: str, keys_dir: SecretDir, redis_server: RedisServer
 ) -> None:
-    """The write's invalidation cannot reach Redis, so Redis keeps the old entry; after SIGCONT no worker
-    (also not the one that did not take the write) serves it, and HITs return once it has expired."""
+    """The write's invalidation cannot reach Redis, so Redis keeps the old entry until the deferred
+    invalidation is delivered (the next call that reaches Redis, e.g. the limiter's background sync); after
+    SIGCONT no worker (also not the one that did not take the write) serves it, and HITs return."""
     ttl = 3
     server = gunicorn(
         server_env(
@@ -205,8 +194,6 @@ def test_a_write_while_redis_is_paused_is_never_read_old_from_any_worker(
     assert (answer.status_code, answer.json()["version"]) == (200, 2)
     assert answer.elapsed.total_seconds() < 1.0
     redis_server.resume()
-    with redis_server.client() as direct:
-        assert direct.exists(f"catalog:v1:product:{product['id']}"), "the old entry is gone"
 
     seen = []
     while time.monotonic() - started < ttl:

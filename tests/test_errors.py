@@ -2,6 +2,7 @@
 unhandled exception is a bare 500 and exactly one ERROR line with the traceback."""
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,6 @@ import requests
 from sqlalchemy import create_engine, text
 from tests.conftest import SecretDir, assert_problem, auth, product_body
 
-from catalog import create_app
 from catalog.cli import upgrade
 from catalog.config import Settings
 
@@ -87,13 +87,12 @@ def test_an_unhandled_exception_is_a_bare_500_and_one_error_line(broken_server: 
 
 
 def test_an_unreachable_database_is_a_503_not_a_bug(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, build_app: Callable[[Settings], Any]
 ) -> None:
     unreachable = dataclasses.replace(settings, database_url="postgresql://nobody@127.0.0.1:1/none")
-    app = create_app(unreachable)
+    app = build_app(unreachable)
     response = app.test_client().get("/api/v1/products", headers=auth())
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"] == "5"
     assert "127.0.0.1" not in body["detail"] and "nobody" not in response.get_data(as_text=True)
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
-    app.extensions["catalog.db"].engine.dispose()

@@ -1,9 +1,9 @@
 """Operational endpoints: liveness never looks at dependencies, readiness does, and none needs a key."""
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from catalog import create_app
 from catalog.config import Settings
 
 
@@ -22,16 +22,17 @@ def test_readyz_checks_database_keys_and_cache(client: Any) -> None:
     }
 
 
-def test_readyz_is_503_while_the_database_does_not_answer(settings: Settings) -> None:
+def test_readyz_is_503_while_the_database_does_not_answer(
+    settings: Settings, build_app: Callable[[Settings], Any]
+) -> None:
     unreachable = dataclasses.replace(settings, database_url="postgresql://nobody@127.0.0.1:1/none")
-    app = create_app(unreachable)
+    app = build_app(unreachable)
     client = app.test_client()
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.get_json()
     assert body["status"] == "unavailable" and body["checks"]["database"] == "failing"
     assert client.get("/livez").status_code == 200
-    app.extensions["catalog.db"].engine.dispose()
 
 
 def test_version_names_version_and_commit(client: Any) -> None:

@@ -1,11 +1,15 @@
 """Logs: one JSON object per line on stdout from the app, gunicorn and the access log; request ids."""
 
+import json
+import logging
 import time
 from typing import Any
 
 import pytest
 import requests
 from tests.conftest import SecretDir, auth
+
+from catalog.logs import ACCESS_FIELDS, ACCESS_LOGGER, JsonGunicornLogger, JsonLineFormatter
 
 
 @pytest.fixture
@@ -56,12 +60,58 @@ def test_a_malformed_request_id_is_replaced(server: Any, offered: str) -> None:
     assert 1 <= len(response.headers["X-Request-ID"]) <= 128
 
 
-def test_lines_written_while_serving_carry_the_request_id(server: Any, keys_dir: SecretDir) -> None:
+def test_lines_written_while_serving_carry_the_request_id(gunicorn: Any, keys_dir: SecretDir) -> None:
+    """A warning logged while a request is served (the readiness probe finding the database away) names
+    that request's id; lines of the background threads (the key store's re-reads) name none."""
+    server = gunicorn(
+        {
+            "CATALOG_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "CATALOG_API_KEYS_DIR": str(keys_dir.path),
+        }
+    )
     keys_dir.write({"broken": "short"})
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and '"file": "broken"' not in server.output():
-        requests.get(f"{server.url}/readyz", headers={"X-Request-ID": "probe-7"}, timeout=10)
         time.sleep(0.2)
+    assert (
+        requests.get(f"{server.url}/readyz", headers={"X-Request-ID": "probe-7"}, timeout=10).status_code
+        == 503
+    )
     server.stop()
-    skipped = [line for line in server.log_lines() if line["message"] == "api key file skipped"]
-    assert any(line.get("request_id") == "probe-7" for line in skipped), skipped
+    lines = server.log_lines()
+    failing = [line for line in lines if line["message"] == "readiness: database check failed"]
+    assert [line.get("request_id") for line in failing] == ["probe-7"], failing
+    skipped = [line for line in lines if line["message"] == "api key file skipped"]
+    assert skipped and all("request_id" not in line for line in skipped), skipped
+
+
+def test_gunicorn_builds_no_access_atoms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """catalog writes its own access line: gunicorn's logger class never builds its access atoms (a dict
+    of every header and environ entry) for a line it would drop."""
+    from gunicorn.config import Config
+
+    def no_atoms(*_: Any) -> None:
+        raise AssertionError("access atoms built")
+
+    logger = JsonGunicornLogger(Config())
+    monkeypatch.setattr(logger, "atoms", no_atoms)
+    logger.access(None, None, {}, None)
+
+
+def test_the_direct_access_line_is_the_formatters_line() -> None:
+    """The line written straight to stdout is the one the JSON formatter makes of the access record."""
+    formatter = JsonLineFormatter()
+    fields = {
+        "method": "GET",
+        "path": "/x",
+        "status": 200,
+        "duration_ms": 1.5,
+        "client": None,
+        "request_id": "r",
+    }
+    record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, "GET /x 200", None, None)
+    record.__dict__[ACCESS_FIELDS] = fields
+    assert formatter.format(record) == formatter.access_line(record.created, "GET /x 200", fields)
+    line = json.loads(formatter.format(record))
+    assert list(line) == ["timestamp", "level", "logger", "message", *fields]
+    assert (line["level"], line["logger"]) == ("INFO", ACCESS_LOGGER)

@@ -4,6 +4,10 @@ import re
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
+from tests.conftest import auth
+
+from catalog.api.schemas import ProductListQuery
 
 
 @pytest.fixture
@@ -80,6 +84,17 @@ def test_docs_is_swagger_ui_from_local_files_under_a_strict_policy(client: Any) 
         assert asset.status_code == 200 and asset.content_length > 0, source
         asset.close()
     assert "openapi.json" in client.get("/docs/init.js").get_data(as_text=True)
+
+
+def test_the_query_models_schema_is_made_once_and_is_pydantics(client: Any) -> None:
+    """flask-openapi3 asks for the query model's schema on every list request: it is made once per class
+    (the same object each time), and it is exactly what pydantic makes."""
+    first = ProductListQuery.model_json_schema()
+    for _ in range(3):
+        assert client.get("/api/v1/products?limit=5", headers=auth()).status_code == 200
+    assert ProductListQuery.model_json_schema() is first
+    assert first == BaseModel.model_json_schema.__func__(ProductListQuery)  # type: ignore[attr-defined]
+    assert ProductListQuery.model_json_schema(mode="serialization") is not first
 
 
 def test_the_server_s_own_limits_are_documented_on_every_operation(spec: dict[str, Any]) -> None:

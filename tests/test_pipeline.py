@@ -1,16 +1,17 @@
-"""The /api/ pipeline is one hook: authenticate, then limit, whatever order the modules are wired in."""
+"""The /api/ pipeline is one hook before (and one after) every request: authenticate, then limit, whatever
+order the modules are wired in."""
 
 import dataclasses
 from typing import Any
 
 import pytest
-from tests.conftest import auth
+from tests.conftest import auth, close_app
 
 from catalog import auth as auth_module
 from catalog import create_app
 from catalog import limits as limits_module
 from catalog.config import Settings
-from catalog.pipeline import guard_api
+from catalog.pipeline import Pipeline
 
 
 @pytest.fixture(params=["as create_app wires them", "limits wired before auth"])
@@ -23,7 +24,7 @@ def limited_app(request: pytest.FixtureRequest, settings: Settings, monkeypatch:
         monkeypatch.setattr(limits_module, "init_app", wire_auth)
     application = create_app(dataclasses.replace(settings, rate_limit="3/minute"))
     yield application
-    application.extensions["catalog.db"].engine.dispose()
+    close_app(application)
 
 
 def test_a_client_is_limited_whatever_order_auth_and_limits_are_wired_in(limited_app: Any) -> None:
@@ -39,7 +40,7 @@ def test_one_before_request_hook_deals_with_the_api(limited_app: Any) -> None:
         for blueprint in limited_app.blueprints
         for hook in limited_app.before_request_funcs.get(blueprint, [])
     ]
-    assert hooks.count(guard_api) == 1
+    assert [getattr(hook, "__func__", None) for hook in hooks].count(Pipeline.start) == 1
     # Neither the key check nor the limiter (a bound method: __module__ is its function's) hooks itself in.
     assert not [
         hook for hook in hooks if getattr(hook, "__module__", "") in {"catalog.auth", "catalog.limits"}

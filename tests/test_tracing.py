@@ -138,7 +138,7 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
     inserts = [span for span in of_system(children, "sqlite") if statement(span).startswith("INSERT")]
     assert {"products", "product_tags"} <= {statement(span).split()[2] for span in inserts}
     (invalidation,) = [span for span in children if "db.redis.pipeline_length" in span.attributes]
-    assert invalidation.attributes["db.redis.pipeline_length"] == 3
+    assert "DEL" in invalidation.name.split(), "the write's invalidation is one pipeline, one span"
     assert all(span.kind == "SPAN_KIND_CLIENT" for span in of_system(children, "sqlite", "redis"))
 
     root, children = trace_of(server, receiver, miss)
@@ -153,8 +153,11 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
 
     root, children = trace_of(server, receiver, hit)
     assert (root.attributes["catalog.cache.result"], root.attributes["catalog.client"]) == ("HIT", "reader")
-    assert not of_system(children, "sqlite"), "a hit reads no database"
-    assert [span.name for span in of_system(children, "redis")] == ["EVALSHA"]
+    # The worker's near-cache answered (the miss on this connection's worker filled it): an attribute, not
+    # a span. No database read; a Redis call only if the rate limiter's batched counts were due.
+    assert root.attributes["catalog.cache.near_hit"] is True
+    assert not of_system(children, "sqlite")
+    assert {span.name for span in children} <= {"EVALSHA"}
 
     root, children = trace_of(server, receiver, unknown)
     assert (root.name, status_code(root), root.status) == (
@@ -237,13 +240,13 @@ def test_parent_based_sampling_follows_the_callers_traceparent(traced: Any, rece
             },
             timeout=10,
         )
-    root, children = trace_of(server, receiver, sampled)
+    root, _children = trace_of(server, receiver, sampled)
     assert (root.trace_id, root.parent_span_id, root.trace_state) == (
         CALLER_TRACE,
         CALLER_SPAN,
         "catalog-test=1",
     )
-    assert children
+    assert root.attributes["catalog.client"] == "writer"
     assert access_line(server, declined)["trace_id"] == unsampled_trace
     for response in (own, declined):
         assert not receiver.trace(access_line(server, response)["trace_id"])

@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     from catalog import (
         api,
         auth,
+        background,
         cache,
         db,
         errors,
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> CatalogApp:
     logs.init_app(app)
     errors.init_app(app)
     metrics.init_app(app)
+    background.init_app(app)
     db.init_app(app)
     cache.init_app(app)
     auth.init_app(app)

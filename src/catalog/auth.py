@@ -10,21 +10,28 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app, g, request
+from flask import Flask, Request
 from limits import parse_many
+from werkzeug.datastructures import Headers
 
+from catalog.background import Background
 from catalog.errors import Problem
 from catalog.metrics import API_KEYS_LOADED, AUTH_FAILURES, export_clients
 
 log = logging.getLogger(__name__)
+# Bound once: by whether a key was sent (invalid) or not (missing).
+AUTH_FAILED = {False: AUTH_FAILURES.labels(reason="missing"), True: AUTH_FAILURES.labels(reason="invalid")}
+AUTH_FORBIDDEN = AUTH_FAILURES.labels(reason="forbidden")
 
 MIN_KEY_LENGTH = 16
 MAX_FILE_BYTES = 64 * 1024
-# The contract: a change is in effect within 10 s in every worker. A request or probe re-reads keys older
-# than POLL_SECONDS, and no request is answered from keys older than MAX_STALE_SECONDS.
+# The contract: a change is in effect within 10 s in every worker. A thread of each worker re-reads the
+# keys every POLL_SECONDS, and no request is answered from keys older than MAX_STALE_SECONDS (one that finds
+# them older, e.g. because the thread was held up, re-reads them first).
 POLL_SECONDS = 2.0
 MAX_STALE_SECONDS = 5.0
 SCAN_ATTEMPTS = 3
@@ -122,11 +129,11 @@ class _Scan:
 
 
 class KeyStore:
-    """The keys of a kubelet-style Secret directory, re-read on use once they are POLL_SECONDS old.
+    """The keys of a kubelet-style Secret directory, re-read every POLL_SECONDS off the request path.
 
-    No thread and no inotify (the kubelet swaps a `..data` symlink, which file watches miss): the request
-    or probe that finds the keys older than POLL_SECONDS re-reads them, and one that finds them older than
-    MAX_STALE_SECONDS waits for that read, so an idle worker never answers from keys older than that."""
+    No inotify (the kubelet swaps a `..data` symlink, which file watches miss): a background thread of each
+    worker (`poll`) re-reads the directory; a request that finds the keys older than MAX_STALE_SECONDS
+    re-reads them itself. Keys are found by the SHA-256 of the presented key."""
 
     def __init__(
         self, directory: str, poll_seconds: float = POLL_SECONDS, max_stale_seconds: float = MAX_STALE_SECONDS
@@ -135,6 +142,7 @@ class KeyStore:
         self.poll_seconds = poll_seconds
         self.max_stale_seconds = max(max_stale_seconds, poll_seconds)
         self._entries: tuple[_Entry, ...] = ()
+        self._by_digest: dict[bytes, _Entry] = {}
         self._signature: frozenset[tuple[bytes, Client]] | None = None
         self._warned: dict[str, tuple[bytes, str]] = {}
         self._directory_unreadable = False
@@ -152,18 +160,15 @@ class KeyStore:
         """The clients of the keys loaded now (names and scopes; never a key or digest)."""
         return tuple(entry.client for entry in self._entries)
 
+    def poll(self) -> None:
+        """Re-read the directory (the background thread's task; one read at a time)."""
+        with self._reload_lock:
+            self.reload()
+
     def refresh_if_due(self) -> None:
-        """Re-read the directory when the keys are POLL_SECONDS old; while they are younger than
-        MAX_STALE_SECONDS nobody waits for another thread's read, after that everybody does."""
-        age = time.monotonic() - self._fresh_as_of
-        if age < self.poll_seconds:
-            return
-        if age < self.max_stale_seconds:
-            if self._reload_lock.acquire(blocking=False):
-                try:
-                    self.reload()
-                finally:
-                    self._reload_lock.release()
+        """Re-read the directory now if the keys are older than MAX_STALE_SECONDS (the thread fell behind);
+        concurrent callers wait for the one read."""
+        if time.monotonic() - self._fresh_as_of < self.max_stale_seconds:
             return
         with self._reload_lock:
             if time.monotonic() - self._fresh_as_of >= self.max_stale_seconds:
@@ -181,7 +186,11 @@ class KeyStore:
         self._warned = scan.skipped
         signature = frozenset((e.digest, e.client) for e in scan.entries)
         if signature != self._signature:
-            self._entries = scan.entries
+            # The first entry of a digest wins (two files holding one key are one client, as before).
+            by_digest: dict[bytes, _Entry] = {}
+            for entry in scan.entries:
+                by_digest.setdefault(entry.digest, entry)
+            self._entries, self._by_digest = scan.entries, by_digest
             self._signature = signature
             API_KEYS_LOADED.set(len(scan.entries))
             names = [e.client.name for e in scan.entries]
@@ -253,13 +262,14 @@ class KeyStore:
         return _Scan(tuple(entries), skipped)
 
     def authenticate(self, presented: str) -> Client | None:
-        """The client whose key this is; every stored digest is compared in constant time."""
+        """The client whose key this is, found by the key's SHA-256: the lookup's timing depends on the
+        digest, which a caller cannot steer towards a stored one, never on the key; the match is confirmed
+        with a constant-time comparison."""
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for entry in self._entries:
-            if hmac.compare_digest(digest, entry.digest) and found is None:
-                found = entry.client
-        return found
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(digest, entry.digest):
+            return None
+        return entry.client
 
 
 class Unauthenticated(Problem):
@@ -274,53 +284,61 @@ class Forbidden(Problem):
     status, slug, title = 403, "forbidden", "Forbidden"
 
 
-def key_store() -> KeyStore:
-    """The key store of the current app."""
-    return current_app.extensions["catalog.keys"]  # type: ignore[no-any-return]
-
-
-def presented_key(header: str) -> str | None:
+def presented_key(headers: Headers, header: str) -> str | None:
     """The key in the configured header, or an `Authorization: Bearer` token."""
-    key = request.headers.get(header)
+    key = headers.get(header)
     if key:
         return key
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
 
 
-def authenticate_request() -> None:
-    """For an /api/ request (called by the pipeline): 401 without a valid key, 403 without the method's
-    scope; sets `g.client`."""
-    store = key_store()
-    store.refresh_if_due()
-    header = current_app.config["SETTINGS"].api_key_header
-    key = presented_key(header)
-    client = store.authenticate(key) if key else None
-    if client is None:
-        reason = g.auth_failure = "invalid" if key else "missing"
-        AUTH_FAILURES.labels(reason=reason).inc()
-        current_app.extensions["catalog.auth_failed"](reason)
+class Authenticator:
+    """The check every /api/ request passes (called by the pipeline): who the caller is (401 otherwise,
+    each failure counted against the caller's IP), then whether its key has the method's scope (403)."""
+
+    def __init__(self, store: KeyStore, header: str) -> None:
+        self.store = store
+        self.header = header
+
+    def identify(self, request: Request, count_failure: Callable[[Request], None]) -> Client:
+        """The client whose key the request carries; Unauthenticated (after `count_failure`) if none."""
+        self.store.refresh_if_due()
+        key = presented_key(request.headers, self.header)
+        client = self.store.authenticate(key) if key else None
+        if client is not None:
+            return client
+        AUTH_FAILED[bool(key)].inc()
+        count_failure(request)
         if key:  # RFC 6750 section 3: an error code only when credentials were sent
             raise Unauthenticated(
                 "The API key is not valid.",
                 headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'},
             )
         raise Unauthenticated(
-            f"Send an API key in {header} or Authorization: Bearer.", headers={"WWW-Authenticate": CHALLENGE}
+            f"Send an API key in {self.header} or Authorization: Bearer.",
+            headers={"WWW-Authenticate": CHALLENGE},
         )
-    g.client = client
-    needed = "read" if request.method in READ_METHODS else "write"
-    if needed not in client.scopes:
-        reason = g.auth_failure = "forbidden"
-        AUTH_FAILURES.labels(reason=reason).inc()
-        raise Forbidden(
-            f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
-            headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},
-        )
+
+    @staticmethod
+    def authorize(client: Client, method: str) -> None:
+        """Forbidden unless the client's key has the scope the method needs."""
+        needed = "read" if method in READ_METHODS else "write"
+        if needed not in client.scopes:
+            AUTH_FORBIDDEN.inc()
+            raise Forbidden(
+                f"The client {client.name!r} lacks the {needed!r} scope this request needs.",
+                headers={"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope", scope="{needed}"'},
+            )
 
 
 def init_app(app: Flask) -> None:
-    """Load the keys (the pipeline checks them on every /api/ request)."""
-    app.extensions["catalog.keys"] = KeyStore(app.config["SETTINGS"].api_keys_dir)
+    """Load the keys and re-read them in the background; the pipeline checks every /api/ request."""
+    settings = app.config["SETTINGS"]
+    store = KeyStore(settings.api_keys_dir)
+    background: Background = app.extensions["catalog.background"]
+    background.every("api-keys", store.poll_seconds, store.poll)
+    app.extensions["catalog.keys"] = store
+    app.extensions["catalog.authenticator"] = Authenticator(store, settings.api_key_header)

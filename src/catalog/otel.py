@@ -140,6 +140,24 @@ def instrument(
     if guarded is not None:
         # Commands are recorded as `SET ? ?`: no key, value or password reaches a span.
         RedisInstrumentor.instrument_client(guarded.client)
+    near = getattr(app.extensions["catalog.cache"], "near", None)
+    if near is not None:
+        _mark_near_hits(near)
+
+
+def _mark_near_hits(near: Any) -> None:
+    """A read the worker's near-cache answered makes no network call, so no span: the request's span says
+    `catalog.cache.near_hit` instead (its lookups wrapped, on this worker's near-cache only)."""
+    for name in ("product", "page"):
+        lookup = getattr(near, name)
+
+        def marked(key: str, lookup: Callable[[str], bytes | None] = lookup) -> bytes | None:
+            value = lookup(key)
+            if value is not None:
+                get_current_span().set_attribute("catalog.cache.near_hit", True)
+            return value
+
+        setattr(near, name, marked)
 
 
 def record_exception(span: Span, error: BaseException) -> None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -100,8 +100,8 @@ def _record_decisions(response: Response) -> Response:
     if client is not None:
         span.set_attribute("catalog.client", client.name)
     if request.path.startswith("/api/"):
-        span.set_attribute("catalog.auth.result", g.get("auth_failure") or "ok")
-    quota = g.get("rate_limit_quota")
+        span.set_attribute("catalog.auth.result", _auth_result(client, response.status_code))
+    quota = g.get("quota")
     if quota is not None:
         span.set_attribute("catalog.rate_limit.limit", quota.limit)
         span.set_attribute("catalog.rate_limit.remaining", max(quota.remaining, 0))
@@ -110,6 +110,17 @@ def _record_decisions(response: Response) -> Response:
     if cache is not None:
         span.set_attribute("catalog.cache.result", cache)
     return response
+
+
+def _auth_result(client: Any, status: int) -> str:
+    """What the key check decided: ok, missing, invalid (401 or, past the per-IP limit, 429) or forbidden
+    (the only 403 there is)."""
+    if client is None:
+        from catalog.auth import presented_key
+
+        header = current_app.config["SETTINGS"].api_key_header
+        return "invalid" if presented_key(request.headers, header) else "missing"
+    return "forbidden" if status == 403 else "ok"
 
 
 def init_app(app: Flask) -> None:

@@ -1,0 +1,118 @@
+"""The per-worker near-cache on its own: bounded in bytes (also under 100,000 distinct keys, measured with
+tracemalloc), never outliving an entry's expiry, never storing a fill that raced an invalidation, unused
+while its listener is not subscribed; and the JSON entry's version read off its end."""
+
+import gc
+import time
+import tracemalloc
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from catalog.cache import InvalidationBoard, NearCache
+from catalog.products import encode_entry, entry_version
+
+
+@pytest.fixture
+def near(tmp_path: Path) -> NearCache:
+    """A live near-cache of 1 MiB on a board of its own."""
+    cache = NearCache(InvalidationBoard(str(tmp_path / "board")), max_bytes=1024 * 1024)
+    cache.enable()
+    return cache
+
+
+def fill(near: NearCache, count: int, value: bytes) -> None:
+    """`count` distinct products, each stored under a fresh token, valid for a minute."""
+    expires_at = time.monotonic() + 60
+    for index in range(count):
+        product_id = f"01ARZ3NDEKTSV4RRFF{index:08d}"
+        near.put_product(product_id, value, expires_at, near.product_token(product_id))
+
+
+def test_memory_stays_within_the_bound_under_100000_distinct_keys(tmp_path: Path) -> None:
+    """Whatever is asked for, the entries never hold more than the bound: counted by the cache itself and
+    measured by tracemalloc (what the filled cache holds beyond the empty one)."""
+    bound = 4 * 1024 * 1024
+    gc.collect()
+    tracemalloc.start()
+    try:
+        near = NearCache(InvalidationBoard(str(tmp_path / "board")), max_bytes=bound)
+        near.enable()
+        empty, _peak = tracemalloc.get_traced_memory()
+        fill(near, 100_000, b"x" * 200)
+        gc.collect()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0 < near.bytes_used <= bound
+    assert 1000 < len(near) < 100_000, "the bound was not reached, or nothing stayed"
+    measured = held - empty
+    print(f"{len(near)} entries kept of 100,000: counted {near.bytes_used} B, measured {measured} B")
+    assert measured <= bound, f"{measured} bytes held for a bound of {bound}"
+
+
+def test_an_entry_never_outlives_its_expiry(near: NearCache) -> None:
+    """The near-cache keeps an entry no longer than Redis keeps the one it copies."""
+    product_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    near.put_product(product_id, b"v1", time.monotonic() + 0.2, near.product_token(product_id))
+    assert near.product(product_id) == b"v1"
+    time.sleep(0.25)
+    assert near.product(product_id) is None
+    near.put_page("20::", b"page", time.monotonic() - 1, near.page_token())
+    assert near.page("20::") is None
+
+
+def test_a_fill_that_raced_an_invalidation_is_refused(near: NearCache) -> None:
+    """A reader takes its token, a write's invalidation arrives (from this master or another pod), then the
+    reader's value (read before it) must not be stored; for products and pages alike."""
+    product_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    expires_at = time.monotonic() + 60
+    for invalidate in (
+        lambda: near.drop(product_id),  # a message from another pod, or this worker's own write
+        lambda: near.board.bump(near.board.slot(product_id), InvalidationBoard.LISTS),  # this master's
+    ):
+        product_token, page_token = near.product_token(product_id), near.page_token()
+        invalidate()
+        near.put_product(product_id, b"old", expires_at, product_token)
+        near.put_page("20::", b"old page", expires_at, page_token)
+        assert near.product(product_id) is None
+        assert near.page("20::") is None
+
+    near.put_product(product_id, b"new", expires_at, near.product_token(product_id))
+    near.put_page("20::", b"new page", expires_at, near.page_token())
+    assert (near.product(product_id), near.page("20::")) == (b"new", b"new page")
+    near.board.bump(near.board.slot(product_id), InvalidationBoard.LISTS)  # a write in another worker
+    assert (near.product(product_id), near.page("20::")) == (None, None)
+
+
+def test_unused_and_empty_while_the_listener_is_not_subscribed(near: NearCache) -> None:
+    """Disabled: everything goes and nothing is stored; enabled again: it starts from nothing."""
+    product_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    expires_at = time.monotonic() + 60
+    token = near.product_token(product_id)
+    near.put_product(product_id, b"v1", expires_at, token)
+    near.disable()
+    assert not near.live and len(near) == 0
+    near.put_product(product_id, b"v1", expires_at, near.product_token(product_id))
+    assert len(near) == 0
+    near.enable()
+    near.put_product(product_id, b"v2", expires_at, token)  # taken before the outage: refused
+    assert near.product(product_id) is None
+
+
+def test_the_version_is_read_off_the_entry_without_parsing_it() -> None:
+    """`encode_entry` puts the version last, so the ETag needs no JSON parse."""
+    row = {
+        "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "sku": "A-1",
+        "name": 'a "quoted": name',
+        "description": "x:1}",
+        "price_cents": 1,
+        "currency": "EUR",
+        "tags": ["a:b"],
+        "created_at": datetime(2026, 1, 1),
+        "updated_at": datetime(2026, 1, 1),
+        "version": 1234,
+    }
+    assert entry_version(encode_entry(row)) == "1234"
