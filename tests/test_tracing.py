@@ -127,6 +127,14 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
         unknown = session.get(f"{server.url}/api/v1/products/{UNKNOWN_ID}", headers=auth(), timeout=10)
         unrouted = session.get(f"{server.url}/no/such/page/{secrets.token_hex(4)}", timeout=10)
         assert (unknown.status_code, unrouted.status_code) == (404, 404)
+        refused = {
+            "missing": session.get(f"{server.url}/api/v1/products", timeout=10),
+            "invalid": session.get(f"{server.url}/api/v1/products", headers=auth("x" * 32), timeout=10),
+            "forbidden": session.post(
+                f"{server.url}/api/v1/products", json=product_body(), headers=auth(READER_KEY), timeout=10
+            ),
+        }
+        assert [response.status_code for response in refused.values()] == [401, 401, 403]
 
     root, children = trace_of(server, receiver, created)
     assert (root.name, status_code(root), root.status) == ("POST /api/v1/products", 201, "STATUS_CODE_UNSET")
@@ -167,6 +175,10 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
     )
     root, children = trace_of(server, receiver, unrouted)
     assert (root.name, status_code(root), children) == ("GET", 404, [])
+    for result, response in refused.items():
+        root, children = trace_of(server, receiver, response)
+        assert root.attributes["catalog.auth.result"] == result
+        assert root.attributes.get("catalog.client") == ("reader" if result == "forbidden" else None)
 
     failed = requests.get(f"{server.url}{FAILING_PATH}", timeout=10)
     assert failed.status_code == 500
