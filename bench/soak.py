@@ -96,6 +96,8 @@ FAULT_KINDS = (
     "worker-kill",
     "master-restart",
 )
+# As the chart's preStop sleep does, a master leaves the Service's endpoints this long before its SIGTERM.
+PRE_STOP_SECONDS = 0.5
 
 
 def log(message: str) -> None:
@@ -237,6 +239,7 @@ class Master:
         self.root = root
         self.env = {**env, "PORT": str(self.port)}
         self.incarnation = 0
+        self.ready = False  # in the Service's endpoints: started and /readyz answered 200
         self.process: subprocess.Popen[bytes] | None = None
         self.log_paths: list[Path] = []
 
@@ -270,14 +273,16 @@ class Master:
             if log_path.read_text(errors="replace").count('"catalog app ready"') >= WORKERS:
                 with contextlib.suppress(OSError, http.client.HTTPException):
                     connection = http.client.HTTPConnection(HOST, self.port, timeout=2)
-                    connection.request("GET", "/livez")
+                    connection.request("GET", "/readyz")
                     if connection.getresponse().status == 200:
                         connection.close()
+                        self.ready = True
                         return
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn {self.name} did not become ready")
 
     def stop(self, timeout: float = 40) -> None:
+        self.ready = False
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -372,6 +377,8 @@ class Record:
         self.redis_outages: list[tuple[float, float]] = []
         self.postgres_down: list[tuple[float, float]] = []
         self.reconnects = 0
+        self.rerouted = 0
+        self.began = now()  # times in messages and the fault timeline count from here
 
     def violation(self, kind: str, detail: str) -> None:
         with self.lock:
@@ -398,6 +405,7 @@ class Client:
         self.keys = keys  # {"key": current key}, swapped by the rotation
         self.connection: http.client.HTTPConnection | None = None
         self.used = 0.0  # when the connection last finished a request
+        self.fallback: Client | None = None  # the other master's client
 
     def close(self) -> None:
         if self.connection is not None:
@@ -421,8 +429,13 @@ class Client:
         path: str,
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, http.client.HTTPResponse, bytes, float, float, int]:
-        """(status, response, body, sent, answered, incarnation) or ConnectionFailed(kind)."""
+    ) -> tuple[int, http.client.HTTPResponse, bytes, float, float, str, int]:
+        """(status, response, body, sent, answered, master, incarnation) or ConnectionFailed(kind). While
+        this client's master is not ready (restarting), through the other master, as a Service routes."""
+        if not self.master.ready and self.fallback is not None and self.fallback.master.ready:
+            with self.record.lock:
+                self.record.rerouted += 1
+            return self.fallback.call(method, path, body, headers)
         all_headers = {"X-Api-Key": self.keys["key"], **(headers or {})}
         payload = None
         if body is not None:
@@ -447,7 +460,7 @@ class Client:
             self._account(method, path, response.status, sent, answered)
             if response.will_close:
                 self.close()
-            return response.status, response, data, sent, answered, incarnation
+            return response.status, response, data, sent, answered, self.master.name, incarnation
         self.close()
         answered = now()
         if kind == "reset" and reused_idle:
@@ -476,7 +489,9 @@ class Client:
 
     def _slow(self, method: str, path: str, outcome: str, sent: float, answered: float) -> None:
         self.record.violation(
-            "slow", f"{method} {path} -> {outcome} on {self.master.name} took {answered - sent:.2f} s"
+            "slow",
+            f"{method} {path} -> {outcome} on {self.master.name} took {answered - sent:.2f} s "
+            f"(sent at +{sent - self.record.began:.1f} s)",
         )
 
 
@@ -540,6 +555,12 @@ class Load:
         self.threads = []
         self.stop = threading.Event()
 
+    def _clients(self) -> list[Client]:
+        """One client per master, each falling back on the other while its master is not ready."""
+        clients = [Client(master, self.record, self.keys) for master in self.masters]
+        clients[0].fallback, clients[1].fallback = clients[1], clients[0]
+        return clients
+
     def _pace(self) -> None:
         """Wait for the next of the load's slots, shared by all threads (open loop: a thread held up by a
         fault leaves its slots to the others; after a stall of the whole load no burst makes up for it)."""
@@ -553,7 +574,7 @@ class Load:
             self.stop.wait(wait)
 
     def _reader(self, index: int) -> None:
-        clients = [Client(master, self.record, self.keys) for master in self.masters]
+        clients = self._clients()
         while not self.stop.is_set():
             self._pace()
             client = clients[index % 2 if random.random() < 0.5 else random.randrange(2)]
@@ -568,7 +589,7 @@ class Load:
             client.close()
 
     def _writer(self, index: int) -> None:
-        clients = [Client(master, self.record, self.keys) for master in self.masters]
+        clients = self._clients()
         owned = self.owned[index]
         while not self.stop.is_set():
             self._pace()
@@ -601,7 +622,7 @@ class Load:
         first_id = None
         for _attempt in range(200):
             try:
-                status, _response, data, sent, answered, incarnation = client.call(
+                status, _response, data, sent, answered, master, incarnation = client.call(
                     "POST", "/api/v1/products", body, {"Idempotency-Key": key}
                 )
             except ConnectionFailed:
@@ -627,9 +648,7 @@ class Load:
             with self.record.lock:
                 state = self.record.products.setdefault(product["id"], Product(product["id"], sku))
                 if not state.writes:
-                    state.writes.append(
-                        Write(1, sent, answered, client.master.name, incarnation, body["name"])
-                    )
+                    state.writes.append(Write(1, sent, answered, master, incarnation, body["name"]))
                 self.live.append(product["id"])
             return str(product["id"])
         return None
@@ -639,12 +658,12 @@ class Load:
         body = product_body(state.sku)
         state.attempts.append(now())
         if random.random() < 0.5:
-            status, _response, data, sent, answered, incarnation = client.call(
+            status, _response, data, sent, answered, master, incarnation = client.call(
                 "PUT", f"/api/v1/products/{product_id}", body
             )
         else:
             patch = {"name": body["name"], "price_cents": body["price_cents"]}
-            status, _response, data, sent, answered, incarnation = client.call(
+            status, _response, data, sent, answered, master, incarnation = client.call(
                 "PATCH",
                 f"/api/v1/products/{product_id}",
                 patch,
@@ -662,9 +681,7 @@ class Load:
                 self.record.violation(
                     "lost-update", f"{product_id}: answered version {product['version']} after {last}"
                 )
-            state.writes.append(
-                Write(product["version"], sent, answered, client.master.name, incarnation, body["name"])
-            )
+            state.writes.append(Write(product["version"], sent, answered, master, incarnation, body["name"]))
         return True
 
     def _delete(self, client: Client, product_id: str) -> None:
@@ -673,17 +690,17 @@ class Load:
             self.live.remove(product_id)
         state.delete_sent = now()
         state.attempts.append(state.delete_sent)
-        status, _response, data, sent, answered, incarnation = client.call(
+        status, _response, data, sent, answered, master, incarnation = client.call(
             "DELETE", f"/api/v1/products/{product_id}"
         )
         if status == 204:
             with self.record.lock:
-                state.writes.append(Write(DELETED, sent, answered, client.master.name, incarnation, None))
+                state.writes.append(Write(DELETED, sent, answered, master, incarnation, None))
         elif status != 503:
             self.record.violation("status", f"DELETE {product_id} answered {status}: {data[:200]!r}")
 
     def _read(self, client: Client, product_id: str) -> None:
-        status, response, data, sent, answered, incarnation = client.call(
+        status, response, data, sent, answered, master, incarnation = client.call(
             "GET", f"/api/v1/products/{product_id}"
         )
         state = self.record.products[product_id]
@@ -695,7 +712,7 @@ class Load:
                     DELETED if deleting else 0,
                     sent,
                     answered,
-                    client.master.name,
+                    master,
                     incarnation,
                     None,
                 )
@@ -713,7 +730,7 @@ class Load:
                     product["version"],
                     sent,
                     answered,
-                    client.master.name,
+                    master,
                     incarnation,
                     product["name"],
                 )
@@ -722,7 +739,9 @@ class Load:
             self.record.violation("status", f"GET {product_id} answered {status}: {data[:200]!r}")
 
     def _read_list(self, client: Client) -> None:
-        status, _response, data, sent, answered, incarnation = client.call("GET", "/api/v1/products?limit=20")
+        status, _response, data, sent, answered, master, incarnation = client.call(
+            "GET", "/api/v1/products?limit=20"
+        )
         if status == 200:
             for item in json.loads(data)["items"]:
                 if item["id"] in self.record.products:
@@ -732,7 +751,7 @@ class Load:
                             item["version"],
                             sent,
                             answered,
-                            client.master.name,
+                            master,
                             incarnation,
                             item["name"],
                         )
@@ -794,6 +813,8 @@ class Faults:
             self.record.killed.append(pid)
         elif kind == "master-restart":
             master = random.choice(self.masters)
+            master.ready = False
+            time.sleep(PRE_STOP_SECONDS)
             master.stop()
             master.start()
         else:
@@ -1023,10 +1044,10 @@ def servers(root: Path) -> Iterator[tuple[Postgres, Redis, SecretDir, list[Maste
             postgres.stop()
 
 
-def schedule() -> Iterator[str]:
-    """Fault kinds in rounds: every kind once per round, shuffled."""
+def schedule(chosen: list[str]) -> Iterator[str]:
+    """Fault kinds in rounds: every chosen kind once per round, shuffled."""
     while True:
-        kinds = list(FAULT_KINDS)
+        kinds = list(chosen)
         random.shuffle(kinds)
         yield from kinds
 
@@ -1054,8 +1075,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             faults = Faults(redis, postgres, masters, secret, keys, record)
             faults.outage = (args.outage[0], args.outage[1])
             load_start, requests_at_start = now(), record.requests
+            record.began = load_start
             end = load_start + args.seconds
-            kinds = schedule()
+            kinds = schedule(args.faults)
             time.sleep(random.uniform(*args.gap) / 2)
             while now() + 8 < end:
                 faults.inject(next(kinds))
@@ -1089,8 +1111,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "statuses": dict(sorted(record.statuses.items())),
         "connection_errors": dict(conn_errors),
         "reconnects_after_idle_close": record.reconnects,
+        "rerouted_while_restarting": record.rerouted,
         "worst_stale_seconds": {kind: round(value, 4) for kind, value in worst.items()},
         "slowest": {"seconds": round(record.slowest[0], 3), "request": record.slowest[1]},
+        "fault_timeline": [
+            f"+{f.started - record.began:.1f} s {f.kind}{' on ' + f.master if f.master else ''} "
+            f"({f.ended - f.started:.1f} s)"
+            for f in record.faults
+        ],
         "violations_by_kind": dict(record.violation_kinds),
         "violations": record.violations,
         "total_seconds": round(now() - started_at, 1),
@@ -1107,11 +1135,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"  requests {report['requests']}, reads checked {report['reads_checked']}, "
         f"writes answered {report['writes_answered']} over {report['products']} products"
     )
-    print(f"  faults: {report['faults']}")
+    print(f"  faults: {report['faults']}: {', '.join(report['fault_timeline'])}")
     print(f"  answers: {report['statuses']}")
     print(
         f"  connection errors: {report['connection_errors']} "
-        f"(+{report['reconnects_after_idle_close']} reconnects after an idle close)"
+        f"(+{report['reconnects_after_idle_close']} reconnects after an idle close; "
+        f"{report['rerouted_while_restarting']} requests to the other master while one restarted)"
     )
     print(
         "  worst stale window: "
@@ -1137,6 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-seconds", type=float, default=5.0, help="capacity measurement")
     parser.add_argument("--readers", type=int, default=10)
     parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument(
+        "--faults", type=lambda v: v.split(","), default=list(FAULT_KINDS), help="comma-separated fault kinds"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args(argv)
