@@ -11,8 +11,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tests.conftest import RedisServer
 
 from catalog.cache import InvalidationBoard, NearCache
+from catalog.cache.keys import INVALIDATION_CHANNEL
 from catalog.products import encode_entry, entry_version
 
 
@@ -115,6 +117,26 @@ def test_not_usable_while_an_invalidation_waits_in_the_listeners_socket_or_is_be
     assert near.usable()
     near.disable()
     assert not near.usable()
+
+
+def test_a_published_invalidation_stops_near_cache_hits_before_any_thread_reads_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """On a real subscription: once another pod's write has published (before it answers), this worker's
+    near-cache is not used, even though no listener thread has run since."""
+    near = NearCache(InvalidationBoard(str(tmp_path / "board")))
+    with redis_server.client() as subscriber, redis_server.client() as other_pod:
+        pubsub = subscriber.pubsub()
+        pubsub.subscribe(INVALIDATION_CHANNEL)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        near.enable(pubsub.connection._get_socket())
+        assert near.usable()
+        assert other_pod.publish(INVALIDATION_CHANNEL, "01ARZ3NDEKTSV4RRFFQ69G5FAV") == 1
+        deadline = time.monotonic() + 1
+        while near.usable():  # the message crosses the loopback interface (microseconds)
+            assert time.monotonic() < deadline, "the published invalidation never reached the socket"
+        assert not near.usable()
+        pubsub.close()
 
 
 def test_unused_and_empty_while_the_listener_is_not_subscribed(
