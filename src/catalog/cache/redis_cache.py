@@ -78,7 +78,7 @@ class RedisCache:
             return bypass(load)
         near = self.near
         token = None
-        if near.live and not self.guarded.breaker.is_open:
+        if not self.guarded.breaker.is_open and near.usable():
             value = near.product(product_id)
             if value is not None:
                 CACHE_HIT.inc()
@@ -97,7 +97,7 @@ class RedisCache:
             return bypass(load)
         near = self.near
         token = None
-        if near.live and not self.guarded.breaker.is_open:
+        if not self.guarded.breaker.is_open and near.usable():
             value = near.page(params)
             if value is not None:
                 CACHE_HIT.inc()
