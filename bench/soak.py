@@ -587,8 +587,10 @@ class Load:
             try:
                 if random.random() < 0.1:
                     self._read_list(client)
-                elif self.live:
-                    self._read(client, random.choice(self.live))
+                else:
+                    with self.record.lock:  # writers add and remove products meanwhile
+                        product_id = random.choice(self.live)
+                    self._read(client, product_id)
             except ConnectionFailed:
                 self.stop.wait(0.05)
         for client in clients:
