@@ -3,22 +3,34 @@ tracemalloc), never outliving an entry's expiry, never storing a fill that raced
 while its listener is not subscribed; and the JSON entry's version read off its end."""
 
 import gc
+import socket
 import time
 import tracemalloc
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tests.conftest import RedisServer
 
 from catalog.cache import InvalidationBoard, NearCache
+from catalog.cache.keys import INVALIDATION_CHANNEL
 from catalog.products import encode_entry, entry_version
 
 
 @pytest.fixture
-def near(tmp_path: Path) -> NearCache:
+def listening() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of sockets: the listener's end, and Redis' end of it."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield ours, theirs
+
+
+@pytest.fixture
+def near(tmp_path: Path, listening: tuple[socket.socket, socket.socket]) -> NearCache:
     """A live near-cache of 1 MiB on a board of its own."""
     cache = NearCache(InvalidationBoard(str(tmp_path / "board")), max_bytes=1024 * 1024)
-    cache.enable()
+    cache.enable(listening[0])
     return cache
 
 
@@ -30,7 +42,9 @@ def fill(near: NearCache, count: int, value: bytes) -> None:
         near.put_product(product_id, value, expires_at, near.product_token(product_id))
 
 
-def test_memory_stays_within_the_bound_under_100000_distinct_keys(tmp_path: Path) -> None:
+def test_memory_stays_within_the_bound_under_100000_distinct_keys(
+    tmp_path: Path, listening: tuple[socket.socket, socket.socket]
+) -> None:
     """Whatever is asked for, the entries never hold more than the bound: counted by the cache itself and
     measured by tracemalloc (what the filled cache holds beyond the empty one)."""
     bound = 4 * 1024 * 1024
@@ -38,7 +52,7 @@ def test_memory_stays_within_the_bound_under_100000_distinct_keys(tmp_path: Path
     tracemalloc.start()
     try:
         near = NearCache(InvalidationBoard(str(tmp_path / "board")), max_bytes=bound)
-        near.enable()
+        near.enable(listening[0])
         empty, _peak = tracemalloc.get_traced_memory()
         fill(near, 100_000, b"x" * 200)
         gc.collect()
@@ -86,7 +100,48 @@ def test_a_fill_that_raced_an_invalidation_is_refused(near: NearCache) -> None:
     assert (near.product(product_id), near.page("20::")) == (None, None)
 
 
-def test_unused_and_empty_while_the_listener_is_not_subscribed(near: NearCache) -> None:
+def test_not_usable_while_an_invalidation_waits_in_the_listeners_socket_or_is_being_applied(
+    near: NearCache, listening: tuple[socket.socket, socket.socket]
+) -> None:
+    """A message another pod's write published is in this worker's socket before that write answers; until
+    the listener has taken it out and applied it, no read may use the near-cache (however long the listener
+    thread waits for the CPU)."""
+    ours, redis_end = listening
+    assert near.usable()
+    redis_end.sendall(b"*3\r\n$7\r\nmessage\r\n")  # the start of a message: enough to be waiting
+    assert not near.usable()
+    ours.recv(100)  # the listener takes it out of the socket ...
+    near.reading = True  # ... having said so first
+    assert not near.usable()
+    near.reading = False  # applied
+    assert near.usable()
+    near.disable()
+    assert not near.usable()
+
+
+def test_a_published_invalidation_stops_near_cache_hits_before_any_thread_reads_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """On a real subscription: once another pod's write has published (before it answers), this worker's
+    near-cache is not used, even though no listener thread has run since."""
+    near = NearCache(InvalidationBoard(str(tmp_path / "board")))
+    with redis_server.client() as subscriber, redis_server.client() as other_pod:
+        pubsub = subscriber.pubsub()
+        pubsub.subscribe(INVALIDATION_CHANNEL)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        near.enable(pubsub.connection._get_socket())
+        assert near.usable()
+        assert other_pod.publish(INVALIDATION_CHANNEL, "01ARZ3NDEKTSV4RRFFQ69G5FAV") == 1
+        deadline = time.monotonic() + 1
+        while near.usable():  # the message crosses the loopback interface (microseconds)
+            assert time.monotonic() < deadline, "the published invalidation never reached the socket"
+        assert not near.usable()
+        pubsub.close()
+
+
+def test_unused_and_empty_while_the_listener_is_not_subscribed(
+    near: NearCache, listening: tuple[socket.socket, socket.socket]
+) -> None:
     """Disabled: everything goes and nothing is stored; enabled again: it starts from nothing."""
     product_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
     expires_at = time.monotonic() + 60
@@ -96,7 +151,7 @@ def test_unused_and_empty_while_the_listener_is_not_subscribed(near: NearCache) 
     assert not near.live and len(near) == 0
     near.put_product(product_id, b"v1", expires_at, near.product_token(product_id))
     assert len(near) == 0
-    near.enable()
+    near.enable(listening[0])
     near.put_product(product_id, b"v2", expires_at, token)  # taken before the outage: refused
     assert near.product(product_id) is None
 

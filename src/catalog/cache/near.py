@@ -5,11 +5,18 @@ listener is subscribed to the channel every write publishes to (and heard from R
 SILENCE_SECONDS); whenever it is not, the near-cache is flushed and unused until the listener has
 subscribed again. Entries never outlive the Redis entry they copy (nor the cache TTL), and the whole map is
 bounded in bytes.
+
+Redis publishes a write's invalidation before the write answers, so by the time another pod's read starts
+the message is in that pod's listener socket. A busy worker may not give its listener thread the CPU (nor
+the GIL) for a while, so the message may sit there: a hit therefore first checks that nothing is waiting in
+the socket or being applied (a select() with no timeout, under a microsecond), and reads Redis otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +60,24 @@ class NearCache:
         self._epochs = [0] * STRIPES
         self._pages = 0
         self._lock = threading.Lock()
-        # Set only by the listener: True while subscribed and recently heard from.
+        # Set only by the listener: True while subscribed and recently heard from; its socket then; and
+        # True from before it takes messages out of the socket until it has applied them.
         self.live = False
+        self._socket: socket.socket | None = None
+        self.reading = False
+
+    def usable(self) -> bool:
+        """May a read use the near-cache now? Asked before the lookup: only while subscribed, with no message
+        waiting in the listener's socket and none taken out of it but not yet applied (in that order: a
+        message leaves the socket only after `reading` is set)."""
+        sock = self._socket
+        if not self.live or sock is None:
+            return False
+        try:
+            waiting = select.select((sock,), (), (), 0)[0]
+        except (OSError, ValueError):  # closed by the listener meanwhile
+            return False
+        return not waiting and not self.reading
 
     @property
     def bytes_used(self) -> int:
@@ -116,15 +139,19 @@ class NearCache:
         with self._lock:
             self._flush_locked()
 
-    def enable(self) -> None:
-        """The listener subscribed: start from nothing (invalidations may have been missed before)."""
+    def enable(self, listening: socket.socket) -> None:
+        """The listener subscribed on `listening`: start from nothing (invalidations may have been missed
+        before)."""
         with self._lock:
             self._flush_locked()
+            self.reading = False
+            self._socket = listening
             self.live = True
 
     def disable(self) -> None:
         """The listener lost its subscription: unused and empty until it subscribes again."""
         with self._lock:
+            self._socket = None
             # Off already, it holds nothing and stores nothing: the failed reconnects that follow must not
             # retire the tokens of reads under way (a shared database load is joined only under the same).
             if self.live:
@@ -194,18 +221,22 @@ class InvalidationListener:
                     return
                 if time.monotonic() - heard > SILENCE_SECONDS:
                     raise TimeoutError("no subscription confirmation")
+            # redis-py reads the socket only inside get_message (which buffers what it reads), so waiting on
+            # the socket itself keeps every unread message visible to `NearCache.usable`.
+            # (what came with the confirmation is taken out of its buffer first).
+            listening = pubsub.connection._get_socket()
+            if listening is None:
+                raise ConnectionError("the subscription has no socket")
+            self._drain(pubsub)
             self.subscriptions += 1
-            self.near.enable()
+            self.near.enable(listening)
             if self.subscriptions > 1:
                 log.info("cache invalidation listener subscribed again: near-cache on")
             heard = pinged = time.monotonic()
             while not stop.is_set():
-                message = pubsub.get_message(timeout=HEARTBEAT_SECONDS)
+                if select.select((listening,), (), (), HEARTBEAT_SECONDS)[0] and self._drain(pubsub):
+                    heard = time.monotonic()
                 now = time.monotonic()
-                if message is not None:
-                    heard = now
-                    if message["type"] == "message":
-                        self._apply(message["data"])
                 if now - pinged >= HEARTBEAT_SECONDS:
                     pubsub.ping()
                     pinged = now
@@ -214,6 +245,19 @@ class InvalidationListener:
         finally:
             self.near.disable()
             pubsub.close()
+
+    def _drain(self, pubsub: redis.client.PubSub) -> bool:
+        """Apply every message read so far (and whatever the socket holds now); True if any came."""
+        heard = False
+        self.near.reading = True
+        try:
+            while (message := pubsub.get_message(timeout=0)) is not None:
+                heard = True
+                if message["type"] == "message":
+                    self._apply(message["data"])
+        finally:
+            self.near.reading = False
+        return heard
 
     def _apply(self, data: bytes) -> None:
         if data == WHOLE_CACHE:

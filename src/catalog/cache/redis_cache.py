@@ -80,7 +80,7 @@ class RedisCache:
         if not self.board.redis_trusted():
             return self._bypass("p" + product_id, near.product_token(product_id), load, CACHE_BYPASS)
         token = None
-        if near.live and not self.guarded.breaker.is_open:
+        if not self.guarded.breaker.is_open and near.usable():
             value = near.product(product_id)
             if value is not None:
                 CACHE_HIT.inc()
@@ -100,7 +100,7 @@ class RedisCache:
         if not self.board.redis_trusted():
             return self._bypass("l" + params, near.page_token(), load, CACHE_BYPASS)
         token = None
-        if near.live and not self.guarded.breaker.is_open:
+        if not self.guarded.breaker.is_open and near.usable():
             value = near.page(params)
             if value is not None:
                 CACHE_HIT.inc()
