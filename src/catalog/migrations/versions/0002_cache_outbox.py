@@ -3,7 +3,7 @@ the writer could not deliver to Redis (cut off, or killed after its commit) is d
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-12-04
+Create Date: 2026-11-30
 """
 
 import sqlalchemy as sa
