@@ -40,7 +40,7 @@ DEFAULT_KEYS = {
     "writer": WRITER_KEY,
     "reader": json.dumps({"key": READER_KEY, "scopes": ["read"]}),
 }
-TABLES = ("product_tags", "idempotency_keys", "products")
+TABLES = ("product_tags", "idempotency_keys", "products", "cache_outbox")
 
 
 def free_port() -> int:

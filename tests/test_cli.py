@@ -55,7 +55,7 @@ def test_replicas_migrating_at_once_all_succeed(empty_postgres_schema: str) -> N
     assert [process.returncode for process in processes] == [0, 0, 0, 0], outputs
     engine = create_engine(empty_postgres_schema.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
         assert connection.execute(text("SELECT count(*) FROM products")).scalar_one() == 0
     engine.dispose()
 
@@ -193,7 +193,7 @@ def test_upgrade_waits_for_a_postgresql_that_comes_up_late(private_postgres: Any
         r for r in records if r["message"] == "database reachable"
     ).items()
     assert records[-1]["message"] == "database schema is up to date"
-    assert server.psql("-At", "-c", "SELECT version_num FROM alembic_version").split() == ["0001"]
+    assert server.psql("-At", "-c", "SELECT version_num FROM alembic_version").split() == ["0002"]
 
 
 def test_upgrade_gives_up_after_its_wait_with_one_line_per_attempt(tmp_path: Path) -> None:

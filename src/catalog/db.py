@@ -95,6 +95,17 @@ idempotency_keys = Table(
 
 IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 
+# The outbox of cache invalidations: one row per write (when the cache is shared by pods), inserted in the
+# write's own transaction and deleted once Redis took the invalidation (catalog.outbox).
+cache_outbox = Table(
+    "cache_outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("product_id", String(26), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    sqlite_autoincrement=True,  # ids never reused: a pod's distrust names the newest row it waits for
+)
+
 
 def utcnow() -> dt.datetime:
     """Now in UTC, naive (both backends store UTC without a zone)."""
@@ -270,6 +281,41 @@ class Database:
                 ) from None
             raise
         DB_QUERIES.labels(operation="store_idempotency_key").inc()
+
+    def record_invalidation(self, connection: Connection, product_id: str) -> int:
+        """Add the invalidation of a product to the outbox, inside the write's transaction; its row id."""
+        result = connection.execute(insert(cache_outbox).values(product_id=product_id, created_at=utcnow()))
+        DB_QUERIES.labels(operation="record_invalidation").inc()
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    def pending_invalidations(self, recorded_before: dt.datetime, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` outbox rows recorded before `recorded_before`, oldest first: (row id, product id)."""
+        query = (
+            select(cache_outbox.c.id, cache_outbox.c.product_id)
+            .where(cache_outbox.c.created_at < recorded_before)
+            .order_by(cache_outbox.c.id)
+            .limit(limit)
+        )
+        with self.connect() as connection:
+            rows = connection.execute(query).all()
+        DB_QUERIES.labels(operation="pending_invalidations").inc()
+        return [(row.id, row.product_id) for row in rows]
+
+    def invalidations_pending_up_to(self, row_id: int) -> bool:
+        """Whether any outbox row with an id up to `row_id` is still there (not yet delivered)."""
+        query = select(cache_outbox.c.id).where(cache_outbox.c.id <= row_id).limit(1)
+        with self.connect() as connection:
+            found = connection.execute(query).first()
+        DB_QUERIES.labels(operation="pending_invalidations").inc()
+        return found is not None
+
+    def delete_invalidations(self, row_ids: Sequence[int]) -> None:
+        """Remove delivered outbox rows."""
+        with self.transaction() as connection:
+            connection.execute(delete(cache_outbox).where(cache_outbox.c.id.in_(row_ids)))
+        DB_QUERIES.labels(operation="delete_invalidations").inc()
 
     @staticmethod
     def _write_tags(connection: Connection, product_id: str, tags: Sequence[str]) -> None:

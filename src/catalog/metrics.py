@@ -71,6 +71,9 @@ DB_OPERATIONS = (
     "delete_product",
     "get_idempotency_key",
     "store_idempotency_key",
+    "record_invalidation",
+    "pending_invalidations",
+    "delete_invalidations",
 )
 DB_QUERIES = Counter("catalog_db_queries_total", "Database statements by operation", ["operation"])
 # Failed authentications count under this client; API clients under their names (added as keys load).

@@ -1,4 +1,5 @@
-"""The products service: reads go through the cache, writes go to the database and then invalidate."""
+"""The products service: reads go through the cache; writes record their invalidation in their transaction
+and deliver it after the commit (catalog.outbox)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from catalog.domain import (
     NotFound,
     PreconditionFailed,
 )
+from catalog.outbox import Outbox
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
@@ -116,6 +118,7 @@ class ProductService:
     def __init__(self, db: Database, cache: Cache) -> None:
         self.db = db
         self.cache = cache
+        self.outbox = Outbox(db, cache)
 
     def get(self, product_id: str) -> tuple[str, bytes, Status]:
         """(version, JSON body, cache status) of a product; NotFound if absent."""
@@ -172,13 +175,14 @@ class ProductService:
                             "created_at": now,
                         },
                     )
+                pending = self.outbox.record(connection, row["id"])
         except Conflict:
             # A concurrent repeat of this request may have committed first: then its answer is ours.
             replay = self._replay(client, idempotency_key, fingerprint) if idempotency_key else None
             if replay:
                 return replay
             raise
-        self.cache.invalidate(row["id"])
+        self.outbox.deliver(row["id"], pending)
         return Created(201, body, location, replayed=False)
 
     def replace(
@@ -207,7 +211,8 @@ class ProductService:
                 raise PreconditionFailed("The product has changed since the version named in If-Match.")
             if not self.db.delete_product(connection, product_id, current["version"]):
                 raise PreconditionFailed("The product changed while it was being deleted; read it again.")
-        self.cache.invalidate(product_id)
+            pending = self.outbox.record(connection, product_id)
+        self.outbox.deliver(product_id, pending)
 
     def _write(
         self, product_id: str, change: Callable[[Fields], Fields], precondition: Precondition | None
@@ -230,12 +235,13 @@ class ProductService:
                 }
                 if self.db.update_product(connection, product_id, current["version"], values):
                     row = {**current, **values}
+                    pending = self.outbox.record(connection, product_id)
                     break
             if precondition:
                 raise PreconditionFailed("The product changed while it was being written; read it again.")
         else:
             raise PreconditionFailed("The product is being changed by others; read it again and retry.")
-        self.cache.invalidate(product_id)
+        self.outbox.deliver(product_id, pending)
         return row["version"], dumps(public(row)).encode()
 
     def _replay(self, client: str, key: str, fingerprint: str) -> Created | None:
@@ -263,7 +269,9 @@ def service() -> ProductService:
 
 
 def init_app(app: Flask) -> None:
-    """Wire the service to this app's database and cache."""
-    app.extensions["catalog.products"] = ProductService(
-        app.extensions["catalog.db"], app.extensions["catalog.cache"]
-    )
+    """Wire the service to this app's database and cache; a cache shared by pods gets its outbox sweeper
+    (a thread in every worker)."""
+    products = ProductService(app.extensions["catalog.db"], app.extensions["catalog.cache"])
+    if products.outbox.shared is not None:
+        app.extensions["catalog.background"].run("cache-outbox", products.outbox.run)
+    app.extensions["catalog.products"] = products

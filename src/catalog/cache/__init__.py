@@ -53,8 +53,9 @@ class Cache(Protocol):
     def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
         """A list page (its JSON body) and whether it came from the cache."""
 
-    def invalidate(self, product_id: str) -> bool:
-        """Retire the product and every list page everywhere; True when that was delivered."""
+    def invalidate(self, product_id: str, pending: int | None = None) -> bool:
+        """Retire the product and every list page everywhere; True when that was delivered (else `pending`,
+        the outbox row that holds it, is delivered later: catalog.outbox)."""
 
     def check(self) -> str:
         """The readiness check's word on the cache: ok, degraded or disabled."""

@@ -131,22 +131,17 @@ class RedisUnavailable(Exception):
 
 
 class GuardedRedis:
-    """Every Redis call of the process goes through here: the breaker, error logging, and invalidations that
-    could not be sent, sent before the next call that reaches Redis."""
+    """Every Redis call of the process goes through here: the breaker and error logging."""
 
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
         self.client = client
         self.breaker = breaker
-        self._after_recovery: dict[str, Callable[[redis.Redis], None]] = {}
-        self._lock = threading.Lock()
 
     def call(self, operation: Callable[[redis.Redis], Any]) -> Any:
         """Run `operation(client)`; raise RedisUnavailable instead of waiting on a Redis that is failing."""
         if not self.breaker.allow():
             raise RedisUnavailable
         try:
-            if self._after_recovery:
-                self._replay_pending()
             result = operation(self.client)
         # Whatever goes wrong talking to Redis (also a bug in a script) is a miss, never a failed request.
         except Exception as error:
@@ -155,23 +150,3 @@ class GuardedRedis:
             raise RedisUnavailable from error
         self.breaker.succeeded()
         return result
-
-    def defer(self, key: str, operation: Callable[[redis.Redis], None]) -> None:
-        """Run `operation` before the next call that reaches Redis (an invalidation that could not be sent);
-        a later one with the same key replaces it, so a long outage holds one per key."""
-        with self._lock:
-            self._after_recovery.pop(key, None)
-            self._after_recovery[key] = operation
-
-    def _replay_pending(self) -> None:
-        with self._lock:
-            pending, self._after_recovery = self._after_recovery, {}
-        try:
-            while pending:
-                key = next(iter(pending))
-                pending[key](self.client)
-                del pending[key]
-        except Exception:
-            with self._lock:
-                self._after_recovery = {**pending, **self._after_recovery}
-            raise

@@ -9,6 +9,8 @@ PREFIX = f"catalog:v{CACHE_SCHEMA}:"
 INVALIDATION_CHANNEL = f"{PREFIX}invalidations"
 WHOLE_CACHE = b"*"
 LIST_TICKET = f"{PREFIX}lists"
+# Held (SET NX PX) by the one outbox sweeper, of all pods, that delivers pending invalidations right now.
+OUTBOX_SWEEPER = f"{PREFIX}outbox-sweeper"
 
 
 def product_key(product_id: str) -> str:

@@ -11,8 +11,6 @@ import zlib
 from collections.abc import Callable
 from typing import Literal
 
-from prometheus_client.metrics import Counter
-
 from catalog.cache.board import InvalidationBoard
 from catalog.cache.bounded import bounded_map, entry
 from catalog.metrics import CACHE_BYPASS, CACHE_HIT, CACHE_MISS
@@ -29,9 +27,9 @@ def new_ticket() -> bytes:
     return os.urandom(12).hex().encode()
 
 
-def bypass(load: Loader, counter: Counter = CACHE_BYPASS) -> tuple[bytes | None, Status]:
+def bypass(load: Loader) -> tuple[bytes | None, Status]:
     """The database's answer, the cache not consulted."""
-    counter.inc()
+    CACHE_BYPASS.inc()
     return load(), "BYPASS"
 
 
@@ -59,8 +57,9 @@ class MemoryCache:
         """A cached list page, retired by any write."""
         return self._read_through(f"list:{params}", InvalidationBoard.LISTS, load)
 
-    def invalidate(self, product_id: str) -> bool:
-        """Retire the product's entries and every page, in all workers (always delivered)."""
+    def invalidate(self, product_id: str, pending: int | None = None) -> bool:
+        """Retire the product's entries and every page, in all workers (always delivered: one pod, no
+        outbox)."""
         self.board.bump(self.board.slot(product_id), InvalidationBoard.LISTS)
         return True
 
@@ -112,7 +111,7 @@ class NoCache:
         """Read from the database."""
         return bypass(load)
 
-    def invalidate(self, product_id: str) -> bool:
+    def invalidate(self, product_id: str, pending: int | None = None) -> bool:
         """Nothing is cached: nothing to deliver."""
         return True
 

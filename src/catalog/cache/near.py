@@ -151,9 +151,12 @@ class NearCache:
     def disable(self) -> None:
         """The listener lost its subscription: unused and empty until it subscribes again."""
         with self._lock:
-            self.live = False
             self._socket = None
-            self._flush_locked()
+            # Off already, it holds nothing and stores nothing: the failed reconnects that follow must not
+            # retire the tokens of reads under way (a shared database load is joined only under the same).
+            if self.live:
+                self.live = False
+                self._flush_locked()
 
     def _flush_locked(self) -> None:
         self._epochs = [epoch + 1 for epoch in self._epochs]

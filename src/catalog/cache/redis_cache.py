@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Collection, Hashable
 from typing import Any
 
 import redis
 
 from catalog.cache.board import InvalidationBoard
 from catalog.cache.client import GuardedRedis, RedisUnavailable
+from catalog.cache.flight import SingleFlight
 from catalog.cache.keys import (
     INVALIDATION_CHANNEL,
     LIST_TICKET,
@@ -19,9 +21,9 @@ from catalog.cache.keys import (
     product_key,
     product_ticket,
 )
-from catalog.cache.memory import Loader, Status, bypass, new_ticket
+from catalog.cache.memory import Loader, Status, new_ticket
 from catalog.cache.near import NearCache
-from catalog.metrics import CACHE_ERROR, CACHE_HIT, CACHE_MISS
+from catalog.metrics import CACHE_BYPASS, CACHE_ERROR, CACHE_HIT, CACHE_MISS
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ log = logging.getLogger(__name__)
 LOCK_MILLISECONDS = 2000
 WAIT_FOR_FILL_SECONDS = 0.5
 WAIT_STEP_SECONDS = 0.02
-# A fill that checked the board just before a write's invalidation failed lands within this margin.
-DISTRUST_MARGIN_SECONDS = 5.0
 
 # Fill only if nobody invalidated since the reader took its ticket; drop the fill lock either way.
 FILL_SCRIPT = """
@@ -55,7 +55,8 @@ class RedisCache:
     takes the current ticket (creating one if there is none) before it reads the database and fills only if
     the ticket is still the same, so a fill can never store what a write made old. A write also publishes
     the product's id, on which every worker's listener drops the product and the list pages from its
-    near-cache.
+    near-cache. Reads that bypass Redis (this pod distrusts it, its circuit is open, or it failed) share one
+    database load per key in this worker.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class RedisCache:
         self.board = board
         self.near = near or NearCache(board)
         self._fill = guarded.client.register_script(FILL_SCRIPT)
+        self._flights = SingleFlight()
 
     @property
     def ticket_ttl_ms(self) -> int:
@@ -74,9 +76,9 @@ class RedisCache:
 
     def product(self, product_id: str, load: Loader) -> tuple[bytes | None, Status]:
         """The cached product entry, or `load()` stored under the product's ticket."""
-        if not self.board.redis_trusted():
-            return bypass(load)
         near = self.near
+        if not self.board.redis_trusted():
+            return self._bypass("p" + product_id, near.product_token(product_id), load, CACHE_BYPASS)
         token = None
         if not self.guarded.breaker.is_open and near.usable():
             value = near.product(product_id)
@@ -84,8 +86,9 @@ class RedisCache:
                 CACHE_HIT.inc()
                 return value, "HIT"
             token = near.product_token(product_id)
+        stamp = token if token is not None else near.product_token(product_id)
         value, status, expires_at = self._read_through(
-            product_key(product_id), product_ticket(product_id), load
+            product_key(product_id), product_ticket(product_id), load, ("p" + product_id, stamp)
         )
         if token is not None and value is not None and expires_at is not None:
             near.put_product(product_id, value, expires_at, token)
@@ -93,9 +96,9 @@ class RedisCache:
 
     def page(self, params: str, load: Loader) -> tuple[bytes | None, Status]:
         """A cached list page, keyed by the list ticket that every write replaces."""
-        if not self.board.redis_trusted():
-            return bypass(load)
         near = self.near
+        if not self.board.redis_trusted():
+            return self._bypass("l" + params, near.page_token(), load, CACHE_BYPASS)
         token = None
         if not self.guarded.breaker.is_open and near.usable():
             value = near.page(params)
@@ -103,38 +106,31 @@ class RedisCache:
                 CACHE_HIT.inc()
                 return value, "HIT"
             token = near.page_token()
+        stamp = token if token is not None else near.page_token()
         try:
             generation = self.guarded.call(self._take_list_ticket)
         except RedisUnavailable:
-            return bypass(load, CACHE_ERROR)
+            return self._bypass("l" + params, stamp, load, CACHE_ERROR)
         value, status, expires_at = self._read_through(
-            page_key(generation, params), LIST_TICKET, load, generation
+            page_key(generation, params), LIST_TICKET, load, ("l" + params, stamp), generation
         )
         if token is not None and value is not None and expires_at is not None:
             near.put_page(params, value, expires_at, token)
         return value, status
 
-    def invalidate(self, product_id: str) -> bool:
+    def invalidate(self, product_id: str, pending: int | None = None) -> bool:
         """Retire the product's entry and every cached page in Redis and in every worker's near-cache (this
-        one's at once). True when Redis took it; else it is sent before the next call that reaches Redis,
-        and until then no worker of this pod trusts Redis."""
-
-        def send(client: redis.Redis) -> None:
-            with client.pipeline(transaction=True) as pipe:
-                pipe.delete(product_key(product_id))
-                pipe.set(product_ticket(product_id), new_ticket(), px=self.ticket_ttl_ms)
-                pipe.set(LIST_TICKET, new_ticket(), px=self.ticket_ttl_ms)
-                pipe.publish(INVALIDATION_CHANNEL, product_id)
-                pipe.execute()
-
+        one's at once); True when Redis took it. When it did not, `pending` (the outbox row that holds the
+        invalidation until it is delivered, by this pod or another's sweeper: catalog.outbox) is what every
+        worker of this pod waits for before it trusts Redis again."""
         self.near.drop(product_id)
         try:
-            self.guarded.call(send)
+            self.deliver([product_id])
         except RedisUnavailable:
-            # Redis may still hold the old entry; no worker of this pod may read it until it has expired.
-            self.board.distrust_redis(self.ttl_seconds * 1.1 + DISTRUST_MARGIN_SECONDS)
-            self.guarded.defer(product_id, send)
-            log.warning("cache invalidation deferred: redis unavailable", extra={"product_id": product_id})
+            # Redis may still hold the old entry: no worker of this pod may read it until it is delivered.
+            if pending is not None:
+                self.board.distrust_redis(pending)
+            log.warning("cache invalidation pending: redis unavailable", extra={"product_id": product_id})
             return False
         finally:
             # Every worker of this master stops serving its near-cached copy before the write answers (and
@@ -142,6 +138,22 @@ class RedisCache:
             self.board.bump(self.board.slot(product_id), InvalidationBoard.LISTS)
             self.near.drop(product_id)
         return True
+
+    def deliver(self, product_ids: Collection[str]) -> None:
+        """In one Redis transaction: delete the products' entries, replace their tickets and the list ticket,
+        and publish each id to every worker's listener; RedisUnavailable if Redis did not take it."""
+
+        def send(client: redis.Redis) -> None:
+            with client.pipeline(transaction=True) as pipe:
+                for product_id in product_ids:
+                    pipe.delete(product_key(product_id))
+                    pipe.set(product_ticket(product_id), new_ticket(), px=self.ticket_ttl_ms)
+                pipe.set(LIST_TICKET, new_ticket(), px=self.ticket_ttl_ms)
+                for product_id in product_ids:
+                    pipe.publish(INVALIDATION_CHANNEL, product_id)
+                pipe.execute()
+
+        self.guarded.call(send)
 
     def check(self) -> str:
         """'ok' when Redis answers PING, else 'degraded' (a half-open circuit lets this probe)."""
@@ -172,8 +184,19 @@ class RedisCache:
 
         return read
 
+    def _bypass(self, key: str, stamp: Hashable, load: Loader, counter: Any) -> tuple[bytes | None, Status]:
+        """The database's answer, Redis not consulted; concurrent reads of `key` share one load, unless an
+        invalidation reached this worker between their starts (`stamp` is the near-cache's token)."""
+        counter.inc()
+        return self._flights.load(key, stamp, load), "BYPASS"
+
     def _read_through(
-        self, key: str, ticket_key: str, load: Loader, ticket: bytes | None = None
+        self,
+        key: str,
+        ticket_key: str,
+        load: Loader,
+        flight: tuple[str, Hashable],
+        ticket: bytes | None = None,
     ) -> tuple[bytes | None, Status, float | None]:
         lock_key = fill_lock(key)
 
@@ -191,7 +214,7 @@ class RedisCache:
                 return cached, "HIT", expires_at
             won, _created, current_ticket = self.guarded.call(claim)
         except RedisUnavailable:
-            value, status = bypass(load, CACHE_ERROR)
+            value, status = self._bypass(*flight, load, CACHE_ERROR)
             return value, status, None
         if not won:
             waited, expires_at = self._wait_for_fill(key)
