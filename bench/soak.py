@@ -15,7 +15,10 @@ seconds injects one fault:
   postgres-restart PostgreSQL stopped at once (`pg_ctl stop -m immediate`: every backend dies) and started
   key-rotation     a new key added to the Secret, the clients moved to it once it works, the old key removed
   worker-kill      one gunicorn worker SIGKILLed (its master starts a new one)
-  master-restart   one gunicorn master SIGTERMed (graceful) and started again on the same port
+  master-restart   one gunicorn master SIGTERMed (graceful) and started again on the same port; as the
+                   chart's preStop sleep and readiness probe make a Service do, the clients send its
+                   requests to the other master from PRE_STOP_SECONDS before the SIGTERM until its /readyz
+                   answers 200 (gunicorn listens before its workers are ready: a request sent then waits)
 
 Every answer is checked (status, body, ETag, timing), and at the end the database itself. It fails on:
 
@@ -30,7 +33,8 @@ Every answer is checked (status, body, ETag, timing), and at the end the databas
   5 s after the load stops, every product reads the database's version through both masters;
 - a read of a version no write could have made, or with another version's content;
 - a request slower than 2 s;
-- a connection error (refused, reset, timeout) not explained by a worker killed or a master restarting.
+- a connection error (refused, reset, timeout) not explained by a worker killed or a master restarting;
+- an ERROR line in the servers' logs, but gunicorn's own about a worker the soak killed.
 
 Writes that got a 503, a reset or a timeout are "unknown": they may or may not have committed, so they
 are never required and never make a read stale; an unknown create is retried with its Idempotency-Key.
