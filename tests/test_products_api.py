@@ -190,6 +190,33 @@ class TestList:
         items = client.get("/api/v1/products?tag=tea", headers=auth()).get_json()["items"]
         assert [item["id"] for item in items] == [tea["id"]]
 
+    def test_tag_filters_follow_writes_that_change_the_tags_and_those_that_do_not(self, client: Any) -> None:
+        tea = create(client, tags=["tea", "kitchen"])
+        path, merge_patch = f"/api/v1/products/{tea['id']}", {"Content-Type": "application/merge-patch+json"}
+
+        def tagged(tag: str) -> list[str]:
+            items = client.get(f"/api/v1/products?tag={tag}", headers=auth()).get_json()["items"]
+            return [item["id"] for item in items]
+
+        assert (
+            client.patch(path, json={"price_cents": 99}, headers={**auth(), **merge_patch}).status_code == 200
+        )
+        assert tagged("tea") == tagged("kitchen") == [tea["id"]]
+        assert (
+            client.patch(
+                path, json={"tags": ["kitchen", "tea"]}, headers={**auth(), **merge_patch}
+            ).status_code
+            == 200
+        )
+        assert tagged("tea") == tagged("kitchen") == [tea["id"]]
+        assert (
+            client.patch(path, json={"tags": ["tea", "green"]}, headers={**auth(), **merge_patch}).status_code
+            == 200
+        )
+        assert (tagged("tea"), tagged("green"), tagged("kitchen")) == ([tea["id"]], [tea["id"]], [])
+        body = client.get(path, headers=auth()).get_json()
+        assert body["tags"] == ["tea", "green"] and body["price_cents"] == 99
+
     @pytest.mark.parametrize("limit", ["0", "101", "abc", "true", "1.5", ""])
     def test_limit_outside_1_to_100_is_422(self, client: Any, limit: str) -> None:
         assert ["query", "limit"] in error_locs(client.get(f"/api/v1/products?limit={limit}", headers=auth()))

@@ -217,10 +217,16 @@ class Database:
         DB_QUERIES.labels(operation="insert_product").inc()
 
     def update_product(
-        self, connection: Connection, product_id: str, expected_version: int, values: Mapping[str, Any]
+        self,
+        connection: Connection,
+        product_id: str,
+        expected_version: int,
+        values: Mapping[str, Any],
+        previous_tags: Sequence[str],
     ) -> bool:
         """Apply `values` if the row still has `expected_version`; False when it changed or vanished;
-        DuplicateSku if the new sku is another product's."""
+        DuplicateSku if the new sku is another product's. The tag index is rewritten only when the set of
+        tags differs from `previous_tags` (the row's, read in this transaction)."""
         try:
             result = connection.execute(
                 update(products)
@@ -234,8 +240,9 @@ class Database:
         DB_QUERIES.labels(operation="update_product").inc()
         if result.rowcount != 1:
             return False
-        connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
-        self._write_tags(connection, product_id, values["tags"])
+        if set(values["tags"]) != set(previous_tags):
+            connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
+            self._write_tags(connection, product_id, values["tags"])
         return True
 
     def delete_product(self, connection: Connection, product_id: str, expected_version: int | None) -> bool:

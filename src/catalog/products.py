@@ -233,7 +233,9 @@ class ProductService:
                     "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
                     "version": current["version"] + 1,
                 }
-                if self.db.update_product(connection, product_id, current["version"], values):
+                if self.db.update_product(
+                    connection, product_id, current["version"], values, current["tags"]
+                ):
                     row = {**current, **values}
                     pending = self.outbox.record(connection, product_id)
                     break
