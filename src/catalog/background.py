@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ class Background:
 
     def __init__(self) -> None:
         self._bodies: list[tuple[str, Body]] = []
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         reference = weakref.ref(self)
 
@@ -49,17 +51,24 @@ class Background:
 
         self.run(name, loop)
 
-    def stop(self) -> None:
-        """Ask every thread to end (each does within its own wait)."""
+    def stop(self, seconds: float = 5.0) -> None:
+        """Ask every thread to end (each does within its own wait) and wait up to `seconds` for them, so
+        that none is still using a connection its owner is about to close."""
         self._stop.set()
+        deadline = time.monotonic() + seconds
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _start(self, name: str, body: Body) -> None:
-        threading.Thread(target=body, args=(self._stop,), name=f"catalog-{name}", daemon=True).start()
+        thread = threading.Thread(target=body, args=(self._stop,), name=f"catalog-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _restart(self) -> None:
         if self._stop.is_set():
             return
         self._stop = threading.Event()
+        self._threads = []  # the parent's did not survive the fork
         for name, body in self._bodies:
             self._start(name, body)
 

@@ -70,24 +70,19 @@ class Outbox:
                 self._delivered.append(row_id)
 
     def run(self, stop: threading.Event) -> None:
-        """The sweeper thread of a worker: remove what this worker delivered, and sweep, until `stop` is
-        set (then remove once more)."""
+        """The sweeper thread of a worker: sweep until `stop` is set. (Rows delivered but not yet removed
+        when the worker exits are delivered once more by a sweeper after their grace: harmless.)"""
         assert self.shared is not None
         board = self.shared.board
         while not stop.wait(SWEEP_SECONDS if board.redis_trusted() else DISTRUSTED_SWEEP_SECONDS):
             self.sweep()
-        self.sweep(deliver=False)
 
-    def sweep(self, deliver: bool = True) -> None:
-        """Remove the rows this worker delivered; then (with `deliver`) deliver rows older than GRACE (if this
-        worker gets the lock that one sweeper of all pods holds), and trust Redis again if this pod
-        distrusted it and what it waited for is delivered. Errors are logged once per episode as a warning;
-        the next sweep tries again."""
+    def sweep(self) -> None:
+        """Remove the rows this worker delivered; deliver rows older than GRACE (if this worker gets the lock
+        that one sweeper of all pods holds); trust Redis again if this pod distrusted it and what it waited
+        for is delivered. Errors are logged once per episode as a warning; the next sweep tries again."""
         errors = []
-        steps = [self._remove_delivered]
-        if deliver:
-            steps += [self._deliver_pending, self._end_distrust]
-        for step in steps:
+        for step in (self._remove_delivered, self._deliver_pending, self._end_distrust):
             try:
                 step()
             except Exception as error:
