@@ -29,7 +29,11 @@ def test_stop_waits_for_every_thread_to_finish() -> None:
 def test_stop_gives_up_on_a_thread_that_does_not_end_in_time() -> None:
     release = threading.Event()
     background = Background()
-    background.run("stuck", lambda _stop: None if release.wait() else None)
+
+    def stuck(_stop: threading.Event) -> None:
+        release.wait()
+
+    background.run("stuck", stuck)
     began = time.monotonic()
     background.stop(seconds=0.3)
     assert 0.25 <= time.monotonic() - began < 2
