@@ -407,7 +407,9 @@ def test_while_redis_is_down_each_worker_enforces_the_limit_in_memory(
 
 class WindowWatch:
     """Watches a counter's remaining time in Redis and notes when each of its windows started (a window
-    begins with its first count and lasts its expiry)."""
+    begins with its first count and lasts its expiry). Each reading dates the start no earlier than it was
+    (the clock is read after the answer, perhaps much later when this thread waits for the GIL): the
+    earliest of a window's readings is its start."""
 
     def __init__(self, redis_server: RedisServer, key: str, expiry: float) -> None:
         self.client = redis_server.client()
@@ -434,6 +436,8 @@ class WindowWatch:
                 started = now - (self.expiry * 1000 - remaining) / 1000
                 if not self.starts or started - self.starts[-1] > self.expiry / 2:
                     self.starts.append(started)
+                else:
+                    self.starts[-1] = min(self.starts[-1], started)
             time.sleep(0.005)
 
 
@@ -441,8 +445,11 @@ def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
     gunicorn: Any, sqlite_url: str, keys_dir: SecretDir, redis_server: RedisServer
 ) -> None:
     """Two masters of two workers each, one client limited to 200/second, hammered through both for 10 s:
-    in every window at most 1.1 x 200 requests pass (a request that straddles a window's edge counts in
-    both windows), and the budget is used (at least 90 % in the full windows)."""
+    in every window at most 1.1 x 200 requests pass, and the budget is used (at least 90 % in the full
+    windows). The client sees when a request began and was answered, not when it was decided: a request lies
+    in the window that holds the middle of that span (those that straddle an edge, up to the 8 in flight,
+    split about evenly; counting them on both sides, as a first version of this test did, adds up to 16 that
+    the limiter never let through twice)."""
     limit, seconds, threads_per_pod = 200, 10.0, 4
     env = {
         "CATALOG_DATABASE_URL": sqlite_url,
@@ -487,8 +494,7 @@ def test_two_pods_at_200_per_second_for_10_s_overshoot_at_most_10_percent(
     assert len(windows) >= seconds - 1, windows
     per_window, contested = [], []
     for start, end in itertools.pairwise(windows):
-        # A request decided in [start, end) lies there; one that straddles an edge counts on both sides.
-        per_window.append(sum(1 for began, answered in passed if began < end and answered >= start))
+        per_window.append(sum(1 for began, answered in passed if start <= (began + answered) / 2 < end))
         contested.append(sum(1 for began, answered in limited if began >= start and answered < end) > 0)
     worst = max(per_window)
     print(
