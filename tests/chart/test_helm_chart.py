@@ -218,7 +218,7 @@ def test_template_names_and_namespaces(renders: Renders, helm: str, scenario: st
     assert len(names) == len(set(names)), f"duplicate objects: {names}"
 
 
-def _normalised(docs: list[dict[str, Any]]) -> list[str]:
+def normalised(docs: list[dict[str, Any]]) -> list[str]:
     """Docs without the values that differ per rendering (random keys/passwords and their checksums)."""
     out = []
     for doc in docs:
@@ -231,7 +231,7 @@ def _normalised(docs: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_helm3_and_helm4_agree(renders: Renders, scenario: str) -> None:
-    assert _normalised(renders.docs("helm3", scenario)) == _normalised(renders.docs("helm4", scenario))
+    assert normalised(renders.docs("helm3", scenario)) == normalised(renders.docs("helm4", scenario))
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
