@@ -15,6 +15,7 @@ from tests.conftest import RedisServer
 
 from catalog.cache import InvalidationBoard, NearCache
 from catalog.cache.keys import INVALIDATION_CHANNEL
+from catalog.cache.near import RECHECK_SECONDS
 from catalog.products import encode_entry, entry_version
 
 
@@ -105,10 +106,11 @@ def test_not_usable_while_an_invalidation_waits_in_the_listeners_socket_or_is_be
 ) -> None:
     """A message another pod's write published is in this worker's socket before that write answers; until
     the listener has taken it out and applied it, no read may use the near-cache (however long the listener
-    thread waits for the CPU)."""
+    thread waits for the CPU), once the last check that found the socket empty has lapsed."""
     ours, redis_end = listening
     assert near.usable()
     redis_end.sendall(b"*3\r\n$7\r\nmessage\r\n")  # the start of a message: enough to be waiting
+    time.sleep(RECHECK_SECONDS)
     assert not near.usable()
     ours.recv(100)  # the listener takes it out of the socket ...
     near.reading = True  # ... having said so first
@@ -123,7 +125,7 @@ def test_a_published_invalidation_stops_near_cache_hits_before_any_thread_reads_
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """On a real subscription: once another pod's write has published (before it answers), this worker's
-    near-cache is not used, even though no listener thread has run since."""
+    near-cache is not used (after RECHECK_SECONDS at most), even though no listener thread has run since."""
     near = NearCache(InvalidationBoard(str(tmp_path / "board")))
     with redis_server.client() as subscriber, redis_server.client() as other_pod:
         pubsub = subscriber.pubsub()
