@@ -2,11 +2,15 @@
 
 import json
 import re
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from tests.conftest import READER_KEY, assert_problem, auth, product_body
 
+from catalog.config import Settings
 from catalog.products import CURSOR_PATTERN
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -361,6 +365,49 @@ class TestPatch:
         product = create(client)
         response = client.patch(f"/api/v1/products/{product['id']}", json={"name": "Plain"}, headers=auth())
         assert response.status_code == 200 and response.get_json()["name"] == "Plain"
+
+
+class TestConcurrentWrites:
+    """Writers without If-Match set no condition, so none of them may be refused (the contract's only 412
+    is a stale If-Match): writes to one product queue on its row, and each sees the one before."""
+
+    def test_concurrent_patches_without_if_match_all_apply(
+        self, client: Any, settings: Settings, make_client: Callable[[Settings], Any]
+    ) -> None:
+        product = create(client)
+        pods = [client, make_client(settings)]  # two apps: two connection pools, as two pods have
+        threads, rounds = 8, 12
+
+        def write(index: int) -> list[int]:
+            answers = []
+            for round_ in range(rounds):
+                response = pods[index % 2].patch(
+                    f"/api/v1/products/{product['id']}",
+                    json={"description": f"{index}-{round_}", "tags": [f"t{index}"]},
+                    headers=auth(),
+                )
+                answers.append(response.status_code)
+            return answers
+
+        with ThreadPoolExecutor(threads) as pool:
+            statuses = [status for answers in pool.map(write, range(threads)) for status in answers]
+        assert Counter(statuses) == {200: threads * rounds}
+        final = client.get(f"/api/v1/products/{product['id']}", headers=auth()).get_json()
+        assert final["version"] == 1 + threads * rounds
+
+    def test_concurrent_deletes_and_patches_answer_204_200_or_404(self, client: Any) -> None:
+        products = [create(client) for _ in range(6)]
+
+        def write(index: int) -> int:
+            path = f"/api/v1/products/{products[index // 4]['id']}"
+            if index % 4 == 0:
+                return int(client.delete(path, headers=auth()).status_code)
+            return int(client.patch(path, json={"name": f"n{index}"}, headers=auth()).status_code)
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(write, range(24)))
+        assert set(statuses) <= {200, 204, 404} and statuses.count(204) == 6
+        assert count(client) == 0
 
 
 class TestDelete:

@@ -30,7 +30,6 @@ from catalog.outbox import Outbox
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-MAX_WRITE_ATTEMPTS = 3
 
 Fields = dict[str, Any]
 Precondition = Callable[[int], bool]
@@ -209,8 +208,7 @@ class ProductService:
                 raise NotFound(f"No product has the id {product_id!r}.")
             if precondition and not precondition(current["version"]):
                 raise PreconditionFailed("The product has changed since the version named in If-Match.")
-            if not self.db.delete_product(connection, product_id, current["version"]):
-                raise PreconditionFailed("The product changed while it was being deleted; read it again.")
+            self.db.delete_product(connection, product_id)
             pending = self.outbox.record(connection, product_id)
         self.outbox.deliver(product_id, pending)
 
@@ -219,30 +217,22 @@ class ProductService:
     ) -> tuple[int, bytes]:
         if not ID_PATTERN.match(product_id):
             raise NotFound(f"No product has the id {product_id!r}.")
-        for _attempt in range(MAX_WRITE_ATTEMPTS):
-            with self.db.transaction() as connection:
-                current = self.db.get_product_for_update(connection, product_id)
-                if current is None:
-                    raise NotFound(f"No product has the id {product_id!r}.")
-                if precondition and not precondition(current["version"]):
-                    raise PreconditionFailed("The product has changed since the version named in If-Match.")
-                fields = change(editable(current))
-                now = utcnow()
-                values = {
-                    **fields,
-                    "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
-                    "version": current["version"] + 1,
-                }
-                if self.db.update_product(
-                    connection, product_id, current["version"], values, current["tags"]
-                ):
-                    row = {**current, **values}
-                    pending = self.outbox.record(connection, product_id)
-                    break
-            if precondition:
-                raise PreconditionFailed("The product changed while it was being written; read it again.")
-        else:
-            raise PreconditionFailed("The product is being changed by others; read it again and retry.")
+        with self.db.transaction() as connection:
+            current = self.db.get_product_for_update(connection, product_id)
+            if current is None:
+                raise NotFound(f"No product has the id {product_id!r}.")
+            if precondition and not precondition(current["version"]):
+                raise PreconditionFailed("The product has changed since the version named in If-Match.")
+            fields = change(editable(current))
+            now = utcnow()
+            values = {
+                **fields,
+                "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+                "version": current["version"] + 1,
+            }
+            self.db.update_product(connection, product_id, values, current["tags"])
+            row = {**current, **values}
+            pending = self.outbox.record(connection, product_id)
         self.outbox.deliver(product_id, pending)
         return row["version"], dumps(public(row)).encode()
 
