@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark catalog's read path against a bare Flask app (the floor) and the "obvious" build (the peer).
 
-One run starts these servers, each under gunicorn with the SAME settings (gthread, 2 workers, 4 threads,
-keep-alive 5 s, no max-requests restarts, loopback port chosen free), then loads them one at a time with
-wrk (fixed duration, connections and threads, after a short warm-up), in rounds with --repeat (median
-shown):
+One run starts these servers, each under gunicorn with the SAME settings (catalog's gthread worker, 2
+workers, 4 threads, keep-alive 5 s, no max-requests restarts, loopback port chosen free), then loads them
+one at a time with wrk (fixed duration, connections and threads, after a short warm-up), in rounds with
+--repeat (median shown):
 
   floor       bench/bare_app.py: a bare Flask endpoint returning one small JSON product
   floor-list  the same app returning a page of 20 such products
@@ -80,6 +80,7 @@ SCENARIOS = (
     "window",
 )
 WORKERS, THREADS = 2, 4
+WORKER_CLASS = "catalog.gunicorn_worker.ProblemThreadWorker"
 OUT = BENCH / "out"
 LIST_SIZE = 20
 # (numerator, denominator, target or None) of requests/s: a cached read must reach 70 % of a bare Flask
@@ -138,7 +139,7 @@ class Settings:
     repeat: int = 1
     workers: int = WORKERS
     worker_threads: int = THREADS
-    worker_class: str = "gthread"
+    worker_class: str = WORKER_CLASS
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -379,8 +380,12 @@ def gunicorn_args(port: int) -> list[str]:
         str(WORKERS),
         "--threads",
         str(THREADS),
+        # catalog's worker for every server (a gthread that spreads kept-alive connections over the workers,
+        # src/catalog/gunicorn_worker.py): it is part of the gunicorn settings, not of the app measured.
         "--worker-class",
-        "gthread",
+        WORKER_CLASS,
+        "--pythonpath",
+        str(ROOT / "src"),
         "--bind",
         f"127.0.0.1:{port}",
         "--max-requests",
@@ -831,7 +836,8 @@ def table(
     results: list[Result], ratio_rows: list[dict[str, Any]], settings: Settings, window: Window | None = None
 ) -> str:
     lines = [
-        f"gunicorn gthread, {settings.workers} workers x {settings.worker_threads} threads; wrk "
+        f"gunicorn {settings.worker_class.rsplit('.', 1)[-1]} (gthread), {settings.workers} workers x "
+        f"{settings.worker_threads} threads; wrk "
         f"{settings.threads} threads, {settings.connections} connections, {settings.duration} s "
         f"x {settings.repeat} (median shown; +{settings.warmup} s warm-up)",
         "",
