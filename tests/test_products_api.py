@@ -369,7 +369,7 @@ class TestPatch:
 
 class TestConcurrentWrites:
     """Writers without If-Match set no condition, so none of them may be refused (the contract's only 412
-    is a stale If-Match): writes to one product queue on its row, and each sees the one before."""
+    is a stale If-Match), and none may undo another: the version counts every write."""
 
     def test_concurrent_patches_without_if_match_all_apply(
         self, client: Any, settings: Settings, make_client: Callable[[Settings], Any]

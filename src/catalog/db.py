@@ -173,13 +173,13 @@ class Database:
             raise _unavailable(reason) from error
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A connection inside one write transaction, committed on success (Unavailable as for `connect`).
-        On SQLite it holds the database's write lock from its first statement, so a row it reads cannot
-        change before it writes (PostgreSQL locks the rows read `for_update` instead)."""
+    def transaction(self, *, locked: bool = False) -> Iterator[Connection]:
+        """A connection inside one transaction, committed on success (Unavailable as for `connect`).
+        PostgreSQL locks the rows it reads `for_update` until it ends. SQLite (pysqlite begins a transaction
+        only at the first INSERT/UPDATE/DELETE) reads outside it, unless `locked`: then it holds the
+        database's write lock from its first statement, so nothing it reads can change before it writes."""
         with self.connect() as connection, connection.begin():
-            if connection.dialect.name == "sqlite":
-                # pysqlite would begin only at the first INSERT/UPDATE/DELETE, after the reads.
+            if locked and connection.dialect.name == "sqlite":
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
             yield connection
 
@@ -222,31 +222,45 @@ class Database:
         DB_QUERIES.labels(operation="insert_product").inc()
 
     def update_product(
-        self, connection: Connection, product_id: str, values: Mapping[str, Any], previous_tags: Sequence[str]
-    ) -> None:
-        """Apply `values` to a row read with `get_product_for_update` in this transaction; DuplicateSku if
-        the new sku is another product's. The tag index is rewritten only when the set of tags differs from
-        `previous_tags` (the row's)."""
+        self,
+        connection: Connection,
+        product_id: str,
+        expected_version: int,
+        values: Mapping[str, Any],
+        previous_tags: Sequence[str],
+    ) -> bool:
+        """Apply `values` if the row still has `expected_version` (False, with nothing changed, when another
+        writer got there first: possible only where the read was not locked); DuplicateSku if the new sku is
+        another product's. The tag index is rewritten only when the set of tags differs from
+        `previous_tags` (the row's, read in this transaction)."""
         try:
-            connection.execute(update(products).where(products.c.id == product_id).values(**values))
+            result = connection.execute(
+                update(products)
+                .where(products.c.id == product_id, products.c.version == expected_version)
+                .values(**values)
+            )
         except IntegrityError as error:
             if _is_unique_violation(error):
                 raise DuplicateSku("Another product already has this sku.") from None
             raise
         DB_QUERIES.labels(operation="update_product").inc()
+        if result.rowcount != 1:
+            return False
         if set(values["tags"]) != set(previous_tags):
             connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
             self._write_tags(connection, product_id, values["tags"])
+        return True
 
     def delete_product(self, connection: Connection, product_id: str) -> None:
-        """Delete a row read with `get_product_for_update` in this transaction, and its tags."""
+        """Delete a row read with `get_product_for_update` in a `locked` transaction, and its tags."""
         connection.execute(delete(product_tags).where(product_tags.c.product_id == product_id))
         connection.execute(delete(products).where(products.c.id == product_id))
         DB_QUERIES.labels(operation="delete_product").inc()
 
     def get_product_for_update(self, connection: Connection, product_id: str) -> dict[str, Any] | None:
-        """The current row inside a write transaction, locked until it ends: concurrent writers of one
-        product queue here, each reading what the one before it wrote."""
+        """The current row inside a write transaction, locked until it ends on PostgreSQL (and on SQLite in
+        a `locked` one): concurrent writers of one product queue here, each reading what the one before it
+        wrote."""
         query = select(products).where(products.c.id == product_id).with_for_update()
         row = connection.execute(query).mappings().first()
         DB_QUERIES.labels(operation="get_product").inc()

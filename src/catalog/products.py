@@ -198,7 +198,7 @@ class ProductService:
 
     def delete(self, product_id: str, precondition: Precondition | None) -> None:
         """Delete a product; NotFound if absent, PreconditionFailed on a stale If-Match."""
-        with self.db.transaction() as connection:
+        with self.db.transaction(locked=True) as connection:  # deletes are rare: no optimistic first try
             current = (
                 self.db.get_product_for_update(connection, product_id)
                 if ID_PATTERN.match(product_id)
@@ -217,7 +217,28 @@ class ProductService:
     ) -> tuple[int, bytes]:
         if not ID_PATTERN.match(product_id):
             raise NotFound(f"No product has the id {product_id!r}.")
-        with self.db.transaction() as connection:
+        # SQLite: first without its write lock (held only from the UPDATE to the commit, so writes of other
+        # products wait less); if another writer committed between the read and the UPDATE, once more with
+        # the lock held from the read, which cannot lose. PostgreSQL's row lock makes the first one enough.
+        written = self._attempt_write(product_id, change, precondition, locked=False) or self._attempt_write(
+            product_id, change, precondition, locked=True
+        )
+        if written is None:  # a read under the write lock cannot be overtaken
+            raise RuntimeError(f"product {product_id} changed under the database's write lock")
+        row, pending = written
+        self.outbox.deliver(product_id, pending)
+        return row["version"], dumps(public(row)).encode()
+
+    def _attempt_write(
+        self,
+        product_id: str,
+        change: Callable[[Fields], Fields],
+        precondition: Precondition | None,
+        *,
+        locked: bool,
+    ) -> tuple[dict[str, Any], int | None] | None:
+        """(the new row, its outbox row's id); None when another writer came between read and write."""
+        with self.db.transaction(locked=locked) as connection:
             current = self.db.get_product_for_update(connection, product_id)
             if current is None:
                 raise NotFound(f"No product has the id {product_id!r}.")
@@ -230,11 +251,10 @@ class ProductService:
                 "updated_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
                 "version": current["version"] + 1,
             }
-            self.db.update_product(connection, product_id, values, current["tags"])
-            row = {**current, **values}
-            pending = self.outbox.record(connection, product_id)
-        self.outbox.deliver(product_id, pending)
-        return row["version"], dumps(public(row)).encode()
+            version, tags = current["version"], current["tags"]
+            if not self.db.update_product(connection, product_id, version, values, tags):
+                return None
+            return {**current, **values}, self.outbox.record(connection, product_id)
 
     def _replay(self, client: str, key: str, fingerprint: str) -> Created | None:
         stored = self.db.get_idempotent(client, key)
