@@ -539,6 +539,19 @@ class Gunicorn:
         return self.process.returncode
 
 
+def worker_pids(master: int) -> set[int]:
+    """The live child processes of gunicorn's master (from /proc: no tool needed)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(after_name[1]) == master:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[Any]:
     """Start real gunicorn servers: `gunicorn(env, arguments)`; all are stopped after the test."""

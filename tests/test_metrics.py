@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
-from tests.conftest import READER_KEY, WRITER_KEY, auth, product_body
+from tests.conftest import READER_KEY, WRITER_KEY, auth, product_body, worker_pids
 
 from catalog.metrics import (
     DB_OPERATIONS,
@@ -85,19 +85,6 @@ def collect(directory: Path, collector: Callable[..., Any] = WorkerFilesCollecto
         for family in registry.collect()
         for sample in family.samples
     }
-
-
-def worker_pids(master: int) -> set[int]:
-    """The live child processes of gunicorn's master (from /proc: no tool needed)."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            after_name = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(after_name[1]) == master:
-            pids.add(int(stat.parent.name))
-    return pids
 
 
 def file_owners(directory: Path) -> set[int]:

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from tests.conftest import ROOT, WRITER_KEY, SecretDir, auth, poll, product_body
-from tests.test_metrics import worker_pids
+from tests.conftest import ROOT, WRITER_KEY, SecretDir, auth, poll, product_body, worker_pids
 from tests.tools import IN_CI, require_tool
 
 
