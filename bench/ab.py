@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Compare two versions of catalog's cached read side by side: is B cheaper than A, and by how much?
 
-Between `make bench` runs the machine drifts by several per cent (the floor's CPU per request moved from
-288 to 308 us between two runs an hour apart), more than most single changes save. This script runs both
+Between `make bench` runs the machine drifts by several per cent (the floor's CPU per request moved between
+288 and 308 us in runs a quarter of an hour apart), more than most single changes save. This script runs both
 versions at once instead: the floor (bench/bare_app.py), catalog from tree A and catalog from tree B are
 started together on one Redis and one SQLite database, with bench/run.py's gunicorn settings, and loaded one
 after the other in rounds (the order reversed every other round). Each round pairs B with the A measured
