@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import secrets
 import statistics
 import subprocess
@@ -38,25 +37,22 @@ sys.path.insert(0, str(BENCH))
 
 from run import (  # noqa: E402
     LIST_SIZE,
-    PRODUCT,
     ROOT,
     BenchError,
     Context,
     Settings,
     Target,
     catalog_env,
-    cpu_seconds,
     free_port,
     gunicorn_args,
-    http,
+    load,
     log,
-    process_tree,
     redis_server,
     running,
+    seed_products,
     setup_step,
     start_floor,
     wait_http,
-    wrk,
     x_cache,
 )
 
@@ -101,14 +97,7 @@ def start_version(ctx: Context, name: str, tree: Path, scenario: str, product_id
     base = f"http://127.0.0.1:{port}"
     wait_http(process, base + "/livez")
     if product_id is None:
-        headers = {"X-Api-Key": ctx.api_key, "Content-Type": "application/json"}
-        for index in range(LIST_SIZE):
-            body = json.dumps({**PRODUCT, "sku": f"BENCH-{index + 1}"}).encode()
-            status, _, answer = http("POST", base + "/api/v1/products", headers, body)
-            if status != 201:
-                raise BenchError(f"{name}: POST /api/v1/products answered {status}: {answer[:300]!r}")
-            ctx.product_ids.append(str(json.loads(answer)["id"]))
-        product_id = ctx.product_ids[0]
+        product_id = seed_products(ctx, base)[0]
     path = f"/api/v1/products/{product_id}" if scenario == "get" else f"/api/v1/products?limit={LIST_SIZE}"
     target = Target(name, base, path, ctx.api_key, "HIT", [process, ctx.redis])
     time.sleep(1)  # the near-cache's invalidation listeners have subscribed
@@ -117,16 +106,16 @@ def start_version(ctx: Context, name: str, tree: Path, scenario: str, product_id
 
 
 def measure(target: Target, settings: Settings) -> dict[str, float]:
-    """One round: a second of unmeasured load, then `settings.duration` seconds measured."""
-    wrk(target.base + target.path, settings, 1, target)
-    pids = [pid for process in target.processes for pid in process_tree(process.proc.pid)]
-    before = cpu_seconds(pids)
-    data = wrk(target.base + target.path, settings, settings.duration, target)
-    if data["errors"]["status"]:
-        raise BenchError(f"{target.name}: {data['errors']['status']} non-2xx answers")
+    """One round (`run.load`: `settings.warmup` seconds unmeasured, then `settings.duration` measured)."""
+    load(target, settings, warmup=True)
+    data = target.runs[-1]
+    if data["errors"]["status"] or target.seen_cache != target.expect_cache:
+        raise BenchError(
+            f"{target.name}: {data['errors']['status']} non-2xx answers, X-Cache {target.seen_cache}"
+        )
     return {
         "rps": data["requests"] / (data["duration_us"] / 1e6),
-        "cpu_us": (cpu_seconds(pids) - before) / max(data["requests"], 1) * 1e6,
+        "cpu_us": data["server_cpu_s"] / max(data["requests"], 1) * 1e6,
         "p50_ms": data["latency_us"]["p50"] / 1000,
         "p99_ms": data["latency_us"]["p99"] / 1000,
     }

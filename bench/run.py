@@ -502,6 +502,25 @@ def catalog_env(ctx: Context, port: int, ttl: int, tag: str) -> dict[str, str]:
     return env
 
 
+def seed_products(ctx: Context, base: str) -> list[str]:
+    """A full first page of products through the catalog at `base` (the last is the one PATCH changes);
+    their ids, also kept in `ctx`."""
+    ids = []
+    for index in range(LIST_SIZE):
+        status, _, body = http(
+            "POST",
+            base + "/api/v1/products",
+            {"X-Api-Key": ctx.api_key, "Accept": "application/json", "Content-Type": "application/json"},
+            json.dumps({**PRODUCT, "sku": f"BENCH-{index + 1}"}).encode(),
+        )
+        if status != 201:
+            raise BenchError(f"catalog: POST /api/v1/products answered {status}: {body[:300]!r}")
+        ids.append(str(json.loads(body)["id"]))
+    ctx.product_id = ids[0]
+    ctx.product_ids = ids
+    return ids
+
+
 def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
     """floor and cached on one catalog server (TTL 60), uncached on another (TTL 0), one database."""
     gunicorn, cli = ctx.catalog_venv / "bin" / "gunicorn", ctx.catalog_venv / "bin" / "catalog"
@@ -509,7 +528,6 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         raise BenchError(f"catalog is not installed in {ctx.catalog_venv} (make install)")
     if not (ROOT / "gunicorn.conf.py").exists():
         raise BenchError("gunicorn.conf.py is missing at the repository root")
-    headers = {"X-Api-Key": ctx.api_key, "Accept": "application/json"}
     targets: list[Target] = []
 
     port = free_port()
@@ -520,19 +538,7 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         running("catalog", [str(gunicorn), *gunicorn_args(port)], env, ROOT, ctx.tmp)
     )
     wait_http(process, base + "/livez")
-    ids = []
-    for index in range(LIST_SIZE):  # a full first page; the last product is the one PATCH changes
-        status, _, body = http(
-            "POST",
-            base + "/api/v1/products",
-            {**headers, "Content-Type": "application/json"},
-            json.dumps({**PRODUCT, "sku": f"BENCH-{index + 1}"}).encode(),
-        )
-        if status != 201:
-            raise BenchError(f"catalog: POST /api/v1/products answered {status}: {body[:300]!r}")
-        ids.append(str(json.loads(body)["id"]))
-    ctx.product_id = ids[0]
-    ctx.product_ids = ids
+    ids = seed_products(ctx, base)
     ctx.catalog_base = base
     path = f"/api/v1/products/{ctx.product_id}"
     every = [process, ctx.redis]
