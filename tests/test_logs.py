@@ -115,3 +115,37 @@ def test_the_direct_access_line_is_the_formatters_line() -> None:
     line = json.loads(formatter.format(record))
     assert list(line) == ["timestamp", "level", "logger", "message", *fields]
     assert (line["level"], line["logger"]) == ("INFO", ACCESS_LOGGER)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "GET", "path": "/x", "status": 200, "duration_ms": 0.0, "client": None, "request_id": "r"},
+        {
+            "method": "PATCH",
+            "path": '/api/v1/products/"ä\\\n\u2028',
+            "status": 412,
+            "duration_ms": 1234.56,
+            "client": "team-ä",
+            "request_id": "a.b_c-1",
+            "trace_id": "0af7651916cd43dd8448eb211c80319c",
+            "span_id": "b7ad6b7169203331",
+        },
+    ],
+)
+def test_the_access_line_is_what_json_dumps_writes(fields: dict[str, Any]) -> None:
+    """Filled into a template, the line is byte for byte the `json.dumps` of the same fields: strings escaped
+    to ASCII, null for no client, the trace ids last when there are any."""
+    formatter = JsonLineFormatter()
+    created = 1764510000.125
+    message = f"{fields['method']} {fields['path']} {fields['status']}"
+    line = formatter.access_line(created, message, fields)
+    expected = {
+        "timestamp": "2025-11-30T13:40:00.125Z",
+        "level": "INFO",
+        "logger": ACCESS_LOGGER,
+        "message": message,
+        **fields,
+    }
+    assert line == json.dumps(expected)
+    assert line.isascii() and json.loads(line) == expected
