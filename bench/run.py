@@ -56,7 +56,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from http.client import HTTPConnection, HTTPException
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -228,6 +228,11 @@ def redis_command(port: int, *args: str) -> bytes:
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# After each load: windows of this long until the servers are idle, at most SETTLE_LIMIT_S (see `settle`).
+SETTLE_WINDOW_S = 0.25
+SETTLE_LIMIT_S = 15.0
+# The batch span processor's longest wait between two exports (OTEL_BSP_SCHEDULE_DELAY's default, 5000 ms).
+EXPORT_DELAY_S = 5.0
 
 
 def process_tree(root: int) -> list[int]:
@@ -308,6 +313,7 @@ class Target:
     paths: list[str] = field(default_factory=list)  # several paths in turn (else `path` only)
     runs: list[dict[str, Any]] = field(default_factory=list)
     seen_cache: str | None = None  # X-Cache right after the last run
+    drained: Callable[[], bool] | None = None  # work the load left behind is done (see `settle`)
 
 
 def x_cache(target: Target) -> str | None:
@@ -354,6 +360,7 @@ def load(target: Target, settings: Settings, warmup: bool) -> None:
     pids = [pid for process in target.processes for pid in process_tree(process.proc.pid)]
     cpu_before = cpu_seconds(pids)
     data = wrk(url, settings, settings.duration, target)
+    data["settle_s"] = settle(pids, target.drained)
     data["server_cpu_s"] = cpu_seconds(pids) - cpu_before
     target.runs.append(data)
     if target.expect_cache is not None:
@@ -362,12 +369,30 @@ def load(target: Target, settings: Settings, warmup: bool) -> None:
         target.seen_cache = x_cache(target)
         if target.seen_cache == "MISS":
             target.seen_cache = x_cache(target)
+    settled = f", settled in {data['settle_s']:.1f} s" if data["settle_s"] >= SETTLE_WINDOW_S * 2 else ""
     log(
         f"{target.name}: {data['requests'] / (data['duration_us'] / 1e6):.0f} req/s, "
         f"p50 {data['latency_us']['p50'] / 1000:.2f} ms, p99 {data['latency_us']['p99'] / 1000:.2f} ms, "
         f"{data['errors']['status']} non-2xx, {data['server_cpu_s'] / max(data['requests'], 1) * 1e6:.0f} "
-        "CPU-us/request"
+        f"CPU-us/request{settled}"
     )
+
+
+def settle(pids: list[int], drained: Callable[[], bool] | None) -> float:
+    """Wait until the servers just loaded are idle and what their load left behind is done (a traced
+    server exports its last spans up to the exporter's delay after its load, which would otherwise run
+    during the next scenario and lengthen its tail); the seconds waited. Idle: at most one clock tick of CPU
+    in a window; given up after SETTLE_LIMIT_S. What they used meanwhile counts towards their CPU per
+    request."""
+    started = time.monotonic()
+    used = cpu_seconds(pids)
+    while time.monotonic() - started < SETTLE_LIMIT_S:
+        time.sleep(SETTLE_WINDOW_S)
+        now_used = cpu_seconds(pids)
+        if now_used - used <= 1 / CLOCK_TICKS and (drained is None or drained()):
+            break
+        used = now_used
+    return time.monotonic() - started
 
 
 # --- the scenarios: each starts its server (kept running until the end) and returns its targets -------
@@ -433,6 +458,7 @@ class OtlpSink:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         self.spans = 0
+        self.last_export = time.monotonic()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -442,6 +468,7 @@ class OtlpSink:
                 sink.spans += sum(
                     len(scope.spans) for resource in message.resource_spans for scope in resource.scope_spans
                 )
+                sink.last_export = time.monotonic()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -452,6 +479,10 @@ class OtlpSink:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def quiet(self) -> bool:
+        """No export for longer than an exporter waits between two (its last spans have arrived)."""
+        return time.monotonic() - self.last_export > EXPORT_DELAY_S + SETTLE_WINDOW_S
 
 
 @contextlib.contextmanager
@@ -558,14 +589,16 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
         if target.method == "GET":
             x_cache(target)  # the warm-up GET fills the cache
 
-    def another_catalog(name: str, ttl: int, expect_cache: str, **extra_env: str) -> None:
+    def another_catalog(
+        name: str, ttl: int, expect_cache: str, drained: Callable[[], bool] | None = None, **extra_env: str
+    ) -> None:
         port = free_port()
         env = {**catalog_env(ctx, port, ttl, name), **extra_env}
         base = f"http://127.0.0.1:{port}"
         cmd = [str(gunicorn), *gunicorn_args(port)]
         process = ctx.stack.enter_context(running(f"catalog-{name}", cmd, env, ROOT, ctx.tmp))
         wait_http(process, base + "/livez")
-        target = Target(name, base, path, ctx.api_key, expect_cache, [process, ctx.redis])
+        target = Target(name, base, path, ctx.api_key, expect_cache, [process, ctx.redis], drained=drained)
         x_cache(target)  # the warm-up GET (fills the cache where there is one)
         targets.append(target)
 
@@ -576,6 +609,7 @@ def start_catalog(ctx: Context, wanted: set[str]) -> list[Target]:
             "get-traced",
             60,
             "HIT",
+            ctx.otlp_sink.quiet,
             OTEL_EXPORTER_OTLP_ENDPOINT=ctx.otlp_sink.endpoint,
             OTEL_TRACES_SAMPLER="always_on",
         )

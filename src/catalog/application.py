@@ -17,7 +17,7 @@ REWRITTEN_HEADERS = ("location", "content-location")
 class CatalogResponse(Response):
     """Flask's response. werkzeug copies every header of every answer before sending them, to fix a few
     cases; an answer with a body, a Content-Length and no Location needs no fixing, so its own headers go
-    out as they are (three to four us less per cached read, about 2 % of it in process)."""
+    out as they are (the copy of a cached read's eight headers is about 2.7 us in process)."""
 
     def get_wsgi_headers(self, environ: Any) -> Headers:
         """The headers to send: these, or werkzeug's fixed copy where a fix may apply."""
