@@ -358,10 +358,14 @@ def load(target: Target, settings: Settings, warmup: bool) -> None:
     if warmup and settings.warmup:
         wrk(url, settings, settings.warmup, target)
     pids = [pid for process in target.processes for pid in process_tree(process.proc.pid)]
+    # A cached read falls back to the database while Redis calls fail (the circuit then stays open a while).
+    cached = target.expect_cache == "HIT"
+    errors_before = redis_errors([target.base]) if cached else 0.0
     cpu_before = cpu_seconds(pids)
     data = wrk(url, settings, settings.duration, target)
     data["settle_s"] = settle(pids, target.drained)
     data["server_cpu_s"] = cpu_seconds(pids) - cpu_before
+    data["redis_errors"] = redis_errors([target.base]) - errors_before if cached else 0.0
     target.runs.append(data)
     if target.expect_cache is not None:
         # Right after the load: a MISS can only be the entry's TTL running out just now, so a second
@@ -370,6 +374,8 @@ def load(target: Target, settings: Settings, warmup: bool) -> None:
         if target.seen_cache == "MISS":
             target.seen_cache = x_cache(target)
     settled = f", settled in {data['settle_s']:.1f} s" if data["settle_s"] >= SETTLE_WINDOW_S * 2 else ""
+    if data["redis_errors"]:
+        settled += f", {data['redis_errors']:.0f} Redis calls failed or skipped (circuit open)"
     log(
         f"{target.name}: {data['requests'] / (data['duration_us'] / 1e6):.0f} req/s, "
         f"p50 {data['latency_us']['p50'] / 1000:.2f} ms, p99 {data['latency_us']['p99'] / 1000:.2f} ms, "
