@@ -9,7 +9,7 @@ import re
 import select
 import sys
 import time
-from json.encoder import encode_basestring_ascii
+from json.encoder import encode_basestring_ascii as json_string  # a str as a JSON string, ASCII only
 from typing import Any
 
 from flask import Flask, Request, g, has_request_context, request
@@ -23,8 +23,6 @@ ACCESS_LOGGER = "catalog.access"
 ACCESS_FIELDS = "access_fields"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 access_log = logging.getLogger(ACCESS_LOGGER)
-# A JSON string literal of a str, non-ASCII escaped (json's own C encoder).
-_string = encode_basestring_ascii
 
 
 class JsonLineFormatter(JsonFormatter):
@@ -60,14 +58,15 @@ class JsonLineFormatter(JsonFormatter):
         client = fields["client"]
         line = (
             f'{{"timestamp": "{self.rfc3339(created)}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
-            f'"message": {_string(message)}, "method": {_string(fields["method"])}, '
-            f'"path": {_string(fields["path"])}, "status": {fields["status"]}, '
+            f'"message": {json_string(message)}, "method": {json_string(fields["method"])}, '
+            f'"path": {json_string(fields["path"])}, "status": {fields["status"]}, '
             f'"duration_ms": {fields["duration_ms"]!r}, '
-            f'"client": {"null" if client is None else _string(client)}, '
-            f'"request_id": {_string(fields["request_id"])}'
+            f'"client": {"null" if client is None else json_string(client)}, '
+            f'"request_id": {json_string(fields["request_id"])}'
         )
         if "trace_id" in fields:
-            line += f', "trace_id": {_string(fields["trace_id"])}, "span_id": {_string(fields["span_id"])}'
+            trace_id, span_id = json_string(fields["trace_id"]), json_string(fields["span_id"])
+            line += f', "trace_id": {trace_id}, "span_id": {span_id}'
         return line + "}"
 
     def add_fields(

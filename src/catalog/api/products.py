@@ -21,7 +21,6 @@ from catalog.api.schemas import (
     ProductPath,
     merge_patch,
 )
-from catalog.application import CatalogResponse
 from catalog.errors import Problem, validation_problem
 from catalog.products import Precondition, request_fingerprint, service
 
@@ -85,7 +84,7 @@ def read_json_body() -> None:
 
 
 def _json(body: bytes, headers: dict[str, str], status: int = 200) -> Response:
-    return CatalogResponse(body, status=status, mimetype="application/json", headers=headers)
+    return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
 def _if_match() -> Precondition | None:
@@ -116,7 +115,7 @@ def get_product(path: ProductPath) -> Response:
     if "HTTP_IF_NONE_MATCH" in req.environ and (
         req.if_none_match.contains_weak(version) or req.if_none_match.star_tag
     ):
-        return CatalogResponse(status=304, headers={"ETag": etag, "X-Cache": cache_status})
+        return Response(status=304, headers={"ETag": etag, "X-Cache": cache_status})
     return _json(body, {"ETag": etag, "X-Cache": cache_status})
 
 
@@ -168,4 +167,4 @@ def patch_product(path: ProductPath) -> Response:
 def delete_product(path: ProductPath) -> Response:
     """Delete a product; then GET answers 404."""
     service().delete(path.product_id, _if_match())
-    return CatalogResponse(status=204)
+    return Response(status=204)
