@@ -43,6 +43,15 @@ def gauge(base_url: str, name: str) -> float:
     return metric(requests.get(f"{base_url}/metrics", timeout=5).text, name)
 
 
+def cache_results(base_url: str) -> dict[str, float]:
+    """catalog_cache_requests_total by result (all workers merged)."""
+    text = requests.get(f"{base_url}/metrics", timeout=5).text
+    return {
+        result: metric(text, "catalog_cache_requests_total", result=result)
+        for result in ("hit", "miss", "bypass", "error")
+    }
+
+
 class ReadLoop(ThreadLoop):
     """Threads that GET some paths over and over on fresh connections and keep every answer."""
 
@@ -152,13 +161,18 @@ def test_redis_paused_costs_under_a_second_then_the_database_path_then_hits_agai
     slowest = max(seconds for _, _, _, seconds, _ in loop.answers)
     assert [answer[:4] for answer in loop.answers if answer[1] != 200 or answer[3] >= 1.0] == []
     assert all(body == expected[url] for url, _, _, _, body in loop.answers)
+    counted_before = cache_results(base)
     open_circuit = latencies(urls, 40)
+    counted = {result: count - counted_before[result] for result, count in cache_results(base).items()}
     assert all(body == expected[url] for url, (_, _, body) in zip(urls * 10, open_circuit, strict=True))
     open_median = statistics.median(seconds for seconds, _, _ in open_circuit)
     baseline_median = statistics.median(seconds for seconds, _, _ in baseline)
     assert max(seconds for seconds, _, _ in open_circuit) < 1.0
     assert open_median <= max(3 * baseline_median, baseline_median + 0.05), (open_median, baseline_median)
     assert sum(cache == "BYPASS" for _, cache, _ in open_circuit) >= 36
+    # A read the open circuit kept from Redis counts as `bypass`; only a failed half-open probe as `error`.
+    assert counted["hit"] + counted["miss"] + counted["bypass"] + counted["error"] == 40, counted
+    assert counted["bypass"] >= 36, counted
 
     redis_server.resume()
     recovered = poll(lambda: all(get(url).headers["X-Cache"] == "HIT" for url in urls), 10, step=0.2)

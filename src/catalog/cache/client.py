@@ -130,6 +130,10 @@ class RedisUnavailable(Exception):
     """Redis was not consulted: its circuit is open, or the call failed."""
 
 
+class CircuitOpen(RedisUnavailable):
+    """Redis was not called at all: its circuit is open."""
+
+
 class GuardedRedis:
     """Every Redis call of the process goes through here: the breaker and error logging."""
 
@@ -140,7 +144,7 @@ class GuardedRedis:
     def call(self, operation: Callable[[redis.Redis], Any]) -> Any:
         """Run `operation(client)`; raise RedisUnavailable instead of waiting on a Redis that is failing."""
         if not self.breaker.allow():
-            raise RedisUnavailable
+            raise CircuitOpen
         try:
             result = operation(self.client)
         # Whatever goes wrong talking to Redis (also a bug in a script) is a miss, never a failed request.

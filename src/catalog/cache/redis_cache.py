@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from catalog.cache.board import InvalidationBoard
-from catalog.cache.client import GuardedRedis, RedisUnavailable
+from catalog.cache.client import CircuitOpen, GuardedRedis, RedisUnavailable
 from catalog.cache.flight import SingleFlight
 from catalog.cache.keys import (
     INVALIDATION_CHANNEL,
@@ -48,6 +48,12 @@ return 0
 
 # (value, or None; monotonic time it expires at in Redis, or None when nothing may be kept of it)
 Found = tuple[bytes | None, float | None]
+
+
+def fallback_result(error: RedisUnavailable) -> Any:
+    """How a read served from the database is counted: `bypass` if the open circuit kept Redis out of it,
+    `error` if Redis was called and failed."""
+    return CACHE_BYPASS if isinstance(error, CircuitOpen) else CACHE_ERROR
 
 
 class RedisCache:
@@ -112,8 +118,8 @@ class RedisCache:
         stamp = token if token is not None else near.page_token()
         try:
             generation = self.guarded.call(self._take_list_ticket)
-        except RedisUnavailable:
-            return self._bypass("l" + params, stamp, load, CACHE_ERROR)
+        except RedisUnavailable as error:
+            return self._bypass("l" + params, stamp, load, fallback_result(error))
         value, status, expires_at = self._read_through(
             page_key(generation, params), LIST_TICKET, load, ("l" + params, stamp), generation
         )
@@ -216,8 +222,8 @@ class RedisCache:
                 CACHE_HIT.inc()
                 return cached, "HIT", expires_at
             won, _created, current_ticket = self.guarded.call(claim)
-        except RedisUnavailable:
-            value, status = self._bypass(*flight, load, CACHE_ERROR)
+        except RedisUnavailable as error:
+            value, status = self._bypass(*flight, load, fallback_result(error))
             return value, status, None
         if not won:
             waited, expires_at = self._wait_for_fill(key)
