@@ -4,7 +4,9 @@ with two workers), and at most two database reads for a stampede on a cold key."
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from tests.conftest import WRITER_KEY, RedisServer, SecretDir, auth, product_body
+from tests.conftest import REDIS_SERVER_ENV, WRITER_KEY, RedisServer, SecretDir, auth, product_body
 
 from catalog.cache import (
     PREFIX,
@@ -87,6 +89,17 @@ def cached_settings(settings: Settings, cache_kind: str, request: pytest.Fixture
 def cached_client(cached_settings: Settings, make_client: Callable[[Settings], Any]) -> Any:
     """A test client of an app with the chosen cache."""
     return make_client(cached_settings)
+
+
+def test_the_tests_own_redis_is_the_server_chosen_for_the_run(redis_server: RedisServer) -> None:
+    """`make test-compat` runs these tests on Redis 6.2 and on Valkey: the server a test starts is the binary
+    CATALOG_TEST_REDIS_SERVER names, else redis-server on PATH."""
+    chosen = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server")
+    assert chosen
+    info = redis_server.client().info("server")
+    assert os.path.realpath(info["executable"]) == os.path.realpath(chosen), info
+    version = info.get("valkey_version", info["redis_version"])  # Valkey also reports a Redis version
+    print(f"{info.get('server_name', 'redis')} {version} at {info['executable']}")
 
 
 def test_get_by_id_is_a_miss_then_a_hit_and_304_comes_from_the_cache(cached_client: Any) -> None:

