@@ -4,7 +4,7 @@
 # apt-pinned.sh then installs the current one, with a warning); idempotent (no apt call when installed).
 set -euo pipefail
 
-CHROMIUM_VERSION="${CHROMIUM_VERSION:-156.0.8078.108-1~deb12u1}"
+CHROMIUM_VERSION="${CHROMIUM_VERSION:-156.0.8078.114-1~deb12u1}"
 FONTS_VERSION="${FONTS_VERSION:-2.1.5-1}"
 
 # shellcheck source=../lib/apt-pinned.sh
