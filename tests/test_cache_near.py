@@ -4,6 +4,7 @@ while its listener is not subscribed; and the JSON entry's version read off its 
 
 import gc
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -11,11 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, poll
 
-from catalog.cache import InvalidationBoard, NearCache
+from catalog.cache import CircuitBreaker, GuardedRedis, InvalidationBoard, NearCache, make_redis
 from catalog.cache.keys import INVALIDATION_CHANNEL
-from catalog.cache.near import RECHECK_SECONDS
+from catalog.cache.near import RECHECK_SECONDS, InvalidationListener
 from catalog.products import encode_entry, entry_version
 
 
@@ -139,6 +140,38 @@ def test_a_published_invalidation_stops_near_cache_hits_before_any_thread_reads_
             assert time.monotonic() < deadline, "the published invalidation never reached the socket"
         assert not near.usable()
         pubsub.close()
+
+
+def test_each_new_subscription_loads_the_lua_scripts_a_restarted_redis_lost(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A Redis restarted empty has lost the scripts: the listener's next subscription loads them before the
+    near-cache is used again, so a request's first EVALSHA is not a NOSCRIPT error (an ERROR span)."""
+    guarded = GuardedRedis(make_redis(redis_server.url, None, 4), CircuitBreaker())
+    script = guarded.register_script("return redis.call('GET', KEYS[1])")
+    listener = InvalidationListener(
+        lambda: make_redis(redis_server.url, None, 1, retries=0, health_check_seconds=0),
+        NearCache(InvalidationBoard(str(tmp_path / "board"))),
+        guarded.load_scripts,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=listener.run, args=(stop,))
+    thread.start()
+    try:
+        poll(lambda: listener.subscriptions == 1, 10, "the listener did not subscribe")
+        with redis_server.client() as direct:
+            assert direct.script_exists(script.sha) == [True]
+        redis_server.kill()
+        redis_server.start()
+        with redis_server.client() as direct:
+            assert direct.script_exists(script.sha) == [False], "the restart kept the script"
+        poll(lambda: listener.subscriptions == 2, 10, "the listener did not subscribe again")
+        with redis_server.client() as direct:
+            assert direct.script_exists(script.sha) == [True]
+    finally:
+        stop.set()
+        thread.join(10)
+        guarded.client.connection_pool.disconnect()
 
 
 def test_unused_and_empty_while_the_listener_is_not_subscribed(

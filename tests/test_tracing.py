@@ -158,6 +158,8 @@ def test_span_trees_of_a_write_a_miss_a_hit_a_404_and_a_500(traced: Any, receive
         statement(span).startswith("SELECT") and "FROM products" in statement(span) for span in selects
     )
     assert of_system(children, "redis"), "the rate limiter's and the cache's Redis calls"
+    # The worker's first fill runs the fill script: loaded when the listener subscribed, so no NOSCRIPT.
+    assert [(span.name, span.status) for span in children if span.status == "STATUS_CODE_ERROR"] == []
 
     root, children = trace_of(server, receiver, hit)
     assert (root.attributes["catalog.cache.result"], root.attributes["catalog.client"]) == ("HIT", "reader")

@@ -161,7 +161,7 @@ class SharedCounter:
     def __init__(self, guarded: GuardedRedis | None) -> None:
         self.guarded = guarded
         self.memory = MemoryStorage()
-        self._add = guarded.client.register_script(ADD_SCRIPT) if guarded else None
+        self._add = guarded.register_script(ADD_SCRIPT) if guarded else None
         self._windows: dict[str, Window] = {}
         self._shares: dict[str, float] = {}  # per counter: this worker's share of its last window
         self._keys: dict[tuple[tuple[RateLimitItem, ...], tuple[str, ...]], tuple[str, ...]] = {}

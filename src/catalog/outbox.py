@@ -52,7 +52,7 @@ class Outbox:
         self.db = db
         self.cache = cache
         self.shared = cache if isinstance(cache, RedisCache) else None
-        self._release = self.shared.guarded.client.register_script(RELEASE_SCRIPT) if self.shared else None
+        self._release = self.shared.guarded.register_script(RELEASE_SCRIPT) if self.shared else None
         self._failing = False
         # Rows this worker's writes delivered, not yet removed from the table.
         self._delivered: list[int] = []

@@ -86,7 +86,9 @@ def init_app(app: Flask) -> None:
         # A connection of its own, held by the subscription; errors surface at once (no retry), so that the
         # near-cache is switched off before anything else.
         listener = InvalidationListener(
-            lambda: make_redis(url, password_file, pool_size=1, retries=0, health_check_seconds=0), cache.near
+            lambda: make_redis(url, password_file, pool_size=1, retries=0, health_check_seconds=0),
+            cache.near,
+            cache.guarded.load_scripts,
         )
         background: Background = app.extensions["catalog.background"]
         background.run("cache-invalidations", listener.run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.connection import parse_url
 from redis.credentials import CredentialProvider
 from redis.retry import Retry
@@ -140,6 +142,19 @@ class GuardedRedis:
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
         self.client = client
         self.breaker = breaker
+        # The process's Lua scripts, loaded into Redis whenever it may have restarted empty (the near-cache's
+        # listener subscribing), so that their first EVALSHA is not a NOSCRIPT error.
+        self.scripts: list[str] = []
+
+    def register_script(self, source: str) -> Script:
+        """A Lua script run by EVALSHA (redis-py loads it on NOSCRIPT), kept in `scripts`."""
+        self.scripts.append(source)
+        return self.client.register_script(source)
+
+    def load_scripts(self) -> None:
+        """Load every registered script now (best effort: EVALSHA still loads a missing one itself)."""
+        with contextlib.suppress(RedisUnavailable):
+            self.call(lambda client: [client.script_load(source) for source in self.scripts])
 
     def call(self, operation: Callable[[redis.Redis], Any]) -> Any:
         """Run `operation(client)`; raise RedisUnavailable instead of waiting on a Redis that is failing."""

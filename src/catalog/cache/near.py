@@ -188,9 +188,16 @@ class InvalidationListener:
     error, a closed connection or SILENCE_SECONDS without an answer switch the near-cache off (flushed) until
     a new subscription is confirmed. It reconnects by itself, with a backoff."""
 
-    def __init__(self, connect: Callable[[], redis.Redis], near: NearCache) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], redis.Redis],
+        near: NearCache,
+        on_subscribed: Callable[[], object] = lambda: None,
+    ) -> None:
         self.connect = connect
         self.near = near
+        # Called on each new subscription, before the near-cache is used: Redis may have restarted empty.
+        self.on_subscribed = on_subscribed
         self.subscriptions = 0  # confirmed subscriptions so far (for tests and logs)
         self._client: redis.Redis | None = None
 
@@ -241,6 +248,7 @@ class InvalidationListener:
             if listening is None:
                 raise ConnectionError("the subscription has no socket")
             self._drain(pubsub)
+            self.on_subscribed()
             self.subscriptions += 1
             self.near.enable(listening)
             if self.subscriptions > 1:

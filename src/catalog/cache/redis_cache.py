@@ -75,7 +75,7 @@ class RedisCache:
         self.ttl_seconds = ttl_seconds
         self.board = board
         self.near = near or NearCache(board)
-        self._fill = guarded.client.register_script(FILL_SCRIPT)
+        self._fill = guarded.register_script(FILL_SCRIPT)
         self._flights = SingleFlight()
 
     @property
