@@ -46,9 +46,10 @@ test: install-dev install-tools lint typecheck
 	$(MAKE) --no-print-directory test-compat
 
 # The tests that start a Redis of their own, again on the oldest Redis and on the Valkey that the README
-# promises to work with (built into /opt/catalog-redis by .ci/tools/15-redis-compat.sh; without them this
-# says so and passes, except under CI=true).
-COMPAT_SERVERS := /opt/catalog-redis/redis-6.2.14/redis-server /opt/catalog-redis/valkey-8.1.1/valkey-server
+# promises to work with (built into REDIS_COMPAT_PREFIX by .ci/tools/15-redis-compat.sh, which reads the
+# same variable; without them this says so and passes, except under CI=true).
+REDIS_COMPAT_PREFIX ?= /opt/catalog-redis
+COMPAT_SERVERS := $(REDIS_COMPAT_PREFIX)/redis-6.2.14/redis-server $(REDIS_COMPAT_PREFIX)/valkey-8.1.1/valkey-server
 COMPAT_TESTS := tests/test_cache.py tests/test_cache_faults.py tests/test_cache_flight.py \
 	tests/test_cache_near.py tests/test_cache_pods.py tests/test_limits.py tests/test_outbox.py
 test-compat: install-dev
