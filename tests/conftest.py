@@ -27,7 +27,7 @@ import pytest
 import redis
 import requests
 from sqlalchemy import create_engine, text
-from tests.tools import IN_CI, require_executable, require_tool
+from tests.tools import require_tool, unavailable
 
 from catalog import create_app
 from catalog.cli import upgrade
@@ -110,10 +110,7 @@ def postgresql_url() -> Iterator[str]:
     try:
         psycopg.connect(base.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3).close()
     except psycopg.OperationalError as error:
-        message = f"PostgreSQL at CATALOG_TEST_DATABASE_URL is not reachable: {error}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"PostgreSQL at CATALOG_TEST_DATABASE_URL is not reachable: {error}")
     schema = f"catalog_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
     with admin.begin() as connection:
@@ -278,8 +275,7 @@ class RedisServer:
     """A redis-server of the test's own on a free port, which the test may kill, pause and restart."""
 
     def __init__(self, directory: Path, password: str | None = None, extra: tuple[str, ...] = ()) -> None:
-        chosen = os.environ.get(REDIS_SERVER_ENV)
-        self.binary = require_executable(chosen) if chosen else require_tool("redis-server")
+        self.binary = require_tool(os.environ.get(REDIS_SERVER_ENV, "redis-server"))
         self.directory = directory
         self.password = password
         self.extra = extra
@@ -364,10 +360,7 @@ class PrivatePostgres:
     def __init__(self, server_options: tuple[str, ...] = ()) -> None:
         versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
         if not versions or shutil.which("runuser") is None or os.geteuid() != 0:
-            reason = "a private PostgreSQL needs /usr/lib/postgresql/<major>/bin, runuser and root"
-            if IN_CI:
-                pytest.fail(reason)
-            pytest.skip(reason)
+            unavailable("a private PostgreSQL needs /usr/lib/postgresql/<major>/bin, runuser and root")
         self.bin = versions[-1].parent
         self.root = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
         shutil.chown(self.root, "postgres", "postgres")

@@ -94,7 +94,7 @@ def cached_client(cached_settings: Settings, make_client: Callable[[Settings], A
 def test_the_tests_own_redis_is_the_server_chosen_for_the_run(redis_server: RedisServer) -> None:
     """`make test-compat` runs these tests on Redis 6.2 and on Valkey: the server a test starts is the binary
     CATALOG_TEST_REDIS_SERVER names, else redis-server on PATH."""
-    chosen = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server")
+    chosen = shutil.which(os.environ.get(REDIS_SERVER_ENV, "redis-server"))
     assert chosen
     info = redis_server.client().info("server")
     assert os.path.realpath(info["executable"]) == os.path.realpath(chosen), info

@@ -23,7 +23,7 @@ from bench.soak import (
     check_reads,
 )
 from tests.conftest import ROOT
-from tests.tools import IN_CI, require_tool
+from tests.tools import require_tool, unavailable
 
 # --- the checks, on records made by hand ----------------------------------------------------------------
 
@@ -146,10 +146,7 @@ def test_503s_only_while_postgres_was_down_and_connection_errors_only_where_a_fa
 def require_private_postgres() -> None:
     """bench/soak.py starts its own PostgreSQL: the server binaries, and runuser when running as root."""
     if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) and shutil.which("initdb") is None:
-        reason = "the soak needs PostgreSQL's server binaries (/usr/lib/postgresql/<major>/bin)"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable("the soak needs PostgreSQL's server binaries (/usr/lib/postgresql/<major>/bin)")
     if os.geteuid() == 0:
         require_tool("runuser")
 

@@ -192,7 +192,7 @@ class InvalidationListener:
         self,
         connect: Callable[[], redis.Redis],
         near: NearCache,
-        on_subscribed: Callable[[], object] = lambda: None,
+        on_subscribed: Callable[[], object],
     ) -> None:
         self.connect = connect
         self.near = near
